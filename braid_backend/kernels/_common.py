@@ -1,0 +1,48 @@
+"""Shared helpers for the Triton kernels. No transformers import here (ops layer)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional at import time: on a machine without it nothing is patched.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The Triton interpreter (3.6 and 3.9 seen) returns garbage for tl.dot on bf16 operands, so kernels
+# upcast dot operands to fp32 under the interpreter. bf16 values are exact in fp32 and the dot
+# accumulates in fp32 on the GPU too, so this changes nothing but the instruction used.
+DOT_UPCAST = interpret_mode()
+
+
+def kernels_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of this device, and if not, why."""
+    if not HAS_TRITON:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and interpret_mode():
+        return True, ""
+    if device.type == "cpu":
+        return False, "model is on the CPU and TRITON_INTERPRET=1 is not set (Triton needs a GPU)"
+    return False, f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def torch_dtype_to_tl(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

@@ -1,0 +1,111 @@
+"""Built-in model presets: real configs with random weights (no hub access needed).
+
+Real checkpoints are loaded from a local path or hub id by `load_model`; presets build the
+architecture from its published config and fill it with seeded random weights, which is what the
+tests and benchmarks use on machines that cannot download weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("braid_backend")
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+}
+
+# name -> (config class name, kwargs). Real sizes from the published configs.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)),
+    "qwen3-0.6b": ("Qwen3Config", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)),
+    "llama-3.2-1b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_parameters=dict(_LLAMA3_ROPE), rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_id=128001)),
+    "mistral-7b-v0.3": ("MistralConfig", dict(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-5,
+        sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+}
+
+# Tiny configs of each family for CPU tests (Triton interpreter). Odd-ish sizes on purpose.
+_TINY_COMMON = dict(vocab_size=307, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                    max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+TINY: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("LlamaConfig", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                       head_dim=16, tie_word_embeddings=False,
+                                       rope_parameters=dict(_LLAMA3_ROPE, original_max_position_embeddings=256))),
+    "tiny-qwen2": ("Qwen2Config", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                       tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "tiny-qwen3": ("Qwen3Config", dict(_TINY_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "tiny-mistral": ("MistralConfig", dict(_TINY_COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                                           sliding_window=None, tie_word_embeddings=False,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+TINY["tiny"] = TINY["tiny-qwen2"]
+ALL_PRESETS = {**PRESETS, **TINY}
+
+
+def make_config(name: str, **overrides):
+    import transformers
+
+    if name not in ALL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(ALL_PRESETS))}")
+    cls_name, kwargs = ALL_PRESETS[name]
+    cfg = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give norm weights and biases non-trivial random values.
+
+    HF initialises norms to 1 and biases to 0, which would let a kernel that ignores either pass its
+    tests; real checkpoints have neither."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or "norm" in name.split(".")[-2]:
+            base = 1.0 if "norm" in name.split(".")[-2] and not name.endswith("bias") else 0.0
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * (0.2 if base else 0.05)
+            p.copy_((base + noise).to(p.dtype))
+    return model
+
+
+def build_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                seed: int = 0, **config_overrides):
+    """A causal LM of a preset's architecture with seeded random weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(name, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize_(model, seed)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """A preset name, a local checkpoint folder or a hub id (the hub needs network access)."""
+    if name_or_path in ALL_PRESETS:
+        return build_model(name_or_path, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM
+
+    log.info("loading checkpoint %s", name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return model.to(device).eval()
