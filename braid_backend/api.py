@@ -1,0 +1,122 @@
+"""patch / unpatch / is_patched."""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+
+from .kernels._common import kernels_usable
+from .report import PatchReport
+
+log = logging.getLogger("braid_backend")
+
+DEFAULTS = dict(graphs=True, fast_generate=True, graph_steps=8, max_batch=64, verify=False, strict=False)
+
+
+class BraidUnsupportedError(RuntimeError):
+    """patch(strict=True) on a model or setting that braid leaves stock."""
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_braid_state", None) is not None
+
+
+def _refuse(model, report: PatchReport, reason: str, strict: bool) -> PatchReport:
+    report.reason = reason
+    log.warning("braid: %s left stock: %s", type(model).__name__, reason)
+    if strict:
+        raise BraidUnsupportedError(f"{type(model).__name__}: {reason}")
+    model._braid_report = report
+    return report
+
+
+def patch(model, **options) -> PatchReport:
+    """Swap the decode-time work of an already-loaded HF causal LM for fused kernels.
+
+    Options: graphs (CUDA-graph decode, default True), fast_generate (device-side token loop for the
+    generate() settings it implements, default True), graph_steps (decode steps per host round-trip),
+    max_batch, verify (compare a few decode steps with stock on first use), strict (raise instead of
+    leaving the model stock). Returns a PatchReport; idempotent."""
+    from .patches.model import PatchState
+    from .patches.spec import Unsupported, plan_model
+
+    if is_patched(model):
+        return model._braid_state.report
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"patch() got unknown options: {sorted(unknown)}")
+    opts = {**DEFAULTS, **options}
+    report = PatchReport(model=type(model).__name__, options={k: v for k, v in opts.items() if k != "strict"})
+    try:
+        plan = plan_model(model)
+    except Unsupported as e:
+        return _refuse(model, report, str(e), opts["strict"])
+    device = plan.lm_head.weight.device
+    usable, why = kernels_usable(device)
+    if not usable:
+        return _refuse(model, report, why, opts["strict"])
+    for attr in ("forward", "generate"):
+        if attr in vars(model):
+            return _refuse(model, report, f"model.{attr} is already replaced on the instance "
+                                          "(another library's hook?)", opts["strict"])
+    report.family = plan.spec.family
+    st = PatchState(model, plan, report, opts)
+    _fill_report(report, plan, opts, device)
+    orig_forward = type(model).forward.__get__(model)
+    orig_generate = type(model).generate.__get__(model)
+
+    def forward(self, *args, **kwargs):
+        if args:  # HF forwards take input_ids first positionally
+            kwargs["input_ids"] = args[0]
+            if len(args) > 1:
+                raise TypeError("braid-patched forward takes input_ids positionally and the rest by keyword")
+        return st.forward(self, orig_forward, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        from .patches.generate import braid_generate
+
+        return braid_generate(st, self, orig_generate, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    model.generate = types.MethodType(generate, model)
+    model._braid_state = st
+    model._braid_new_cache = lambda batch=1, length=256: st.new_cache(batch, length)
+    log.info("braid: patched %s (%s, %d layers)", report.model, plan.spec.family, len(plan.layers))
+    return report
+
+
+def _fill_report(report: PatchReport, plan, opts, device) -> None:
+    p = plan
+    for lp in p.layers:
+        i = lp.index
+        extra = " + q/k norm" if lp.q_norm is not None else ""
+        bias = " + bias" if lp.q.bias is not None else ""
+        win = f", sliding window {lp.window}" if lp.window else ""
+        report.patched.append((f"model.layers.{i}.input_layernorm+self_attn",
+                               f"rmsnorm + qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
+                               "o_proj GEMV + residual"))
+        report.patched.append((f"model.layers.{i}.post_attention_layernorm+mlp",
+                               f"rmsnorm + gate_up GEMV + {p.act}; down GEMV + residual"))
+    report.patched.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
+    report.stock.append(("prefill (more than one new token per sequence)",
+                         "stock HF modules (SDPA) writing into the braid static cache"))
+    report.stock.append(("model.embed_tokens", "plain index_select (nothing to fuse)"))
+    if not (opts["graphs"] and device.type == "cuda"):
+        report.stock.append(("CUDA graphs", "off" if not opts["graphs"] else f"device is {device.type}"))
+
+
+def unpatch(model) -> None:
+    """Restore the stock model: original forward/generate, separate weight tensors, no braid buffers."""
+    st = getattr(model, "_braid_state", None)
+    for attr in ("forward", "generate", "_braid_new_cache", "_braid_report"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if st is None:
+        return
+    with st.lock:
+        st.release()
+    model._braid_state = None
+    del model._braid_state
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

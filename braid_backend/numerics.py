@@ -1,0 +1,65 @@
+"""Teacher-forced logit comparisons: the correctness yardstick for patched models.
+
+Random-weight models repeat one token under greedy decoding, so equal greedy tokens prove little.
+Instead we feed the same random token sequence to each model (prefill of a prompt, then one token
+per decode step through the KV cache) and compare the logits of every step with an fp32 reference.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in fp64; NaN anywhere gives inf."""
+    a64, r64 = a.double(), ref.double()
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    return ((a64 - r64).norm() / r64.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, prompt: torch.Tensor, cont: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (steps, B, V) in fp32: the prefill's last position, then one per fed continuation token.
+
+    Runs through `model.generate`'s own building blocks: a forward with a cache for the prompt, then
+    single-token forwards reusing the returned cache, the way generate() drives the model."""
+    from .runtime.hf_compat import cache_kwarg_name, output_cache
+
+    B, T = prompt.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(prompt)
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    key = cache_kwarg_name(model)
+    # no cache passed: the stock model makes a DynamicCache, a patched one its braid cache
+    out = model(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True)
+    logits = [out.logits[:, -1].float()]
+    cache = output_cache(out)
+    for i in range(cont.shape[1]):
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{key: cache})
+        logits.append(out.logits[:, -1].float())
+        cache = output_cache(out)
+    return torch.stack(logits)
+
+
+@torch.no_grad()
+def fp32_reference_logits(model, prompt, cont, attention_mask=None) -> torch.Tensor:
+    """Teacher-forced logits of an fp32 copy of the stock model (the reference for every error)."""
+    from . import is_patched
+
+    if is_patched(model):
+        raise ValueError("fp32_reference_logits needs the stock model: call it before patch() or after unpatch()")
+    ref = copy.deepcopy(model).float()
+    try:
+        return teacher_forced_logits(ref, prompt, cont, attention_mask)
+    finally:
+        del ref
+
+
+def random_tokens(vocab: int, batch: int, length: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)

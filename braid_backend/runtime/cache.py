@@ -1,0 +1,129 @@
+"""Static KV cache that speaks HF's Cache API.
+
+Storage is static: per layer a (B_max, n_kv, S_max, head_dim) key and value buffer, plus a
+(B_max, S_max) int8 `valid` mask (0 for left padding). The fused decode kernels read and write these
+buffers directly; HF's stock prefill reaches them through `Cache.update`, which writes the prompt's
+keys/values in place and returns the filled prefix, so from HF's side it behaves like a dynamic cache
+(no 4D static masks, no compile requirements) while its memory never moves between decode steps.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+class CacheTooSmall(RuntimeError):
+    pass
+
+
+class BraidLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: "BraidCache", idx: int):
+        super().__init__()
+        self.owner, self.idx = owner, idx
+        self.keys, self.values = owner.k[idx], owner.v[idx]
+        self.device = self.keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage exists from the start
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        o = self.owner
+        B, _, q, _ = key_states.shape
+        start = o.seen
+        if B > o.batch_capacity:
+            raise CacheTooSmall(f"batch {B} exceeds the braid cache's capacity {o.batch_capacity}")
+        if start + q > o.max_len:
+            raise CacheTooSmall(f"{start + q} positions exceed the braid cache's length {o.max_len}")
+        self.keys[:B, :, start:start + q].copy_(key_states)
+        self.values[:B, :, start:start + q].copy_(value_states)
+        if self.idx == o.num_layers - 1:
+            o.seen = start + q
+            o.batch = B
+        return self.keys[:B, :, :start + q], self.values[:B, :, :start + q]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_max_length(self) -> int:
+        return -1  # grows on demand (outside captured graphs), like a dynamic cache
+
+    def reset(self) -> None:
+        self.owner.seen = 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("the braid cache does not support beam search; generate() routes it to stock")
+
+
+class BraidCache(Cache):
+    """One static buffer per layer; `seen` (a host int) is the number of filled positions."""
+
+    def __init__(self, num_layers: int, batch_capacity: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device, owner_id: int = 0):
+        self.num_layers, self.batch_capacity = num_layers, batch_capacity
+        self.n_kv_heads, self.head_dim, self.max_len = n_kv_heads, head_dim, max_len
+        self.dtype, self.device_ = dtype, torch.device(device)
+        self.owner_id = owner_id
+        shape = (batch_capacity, n_kv_heads, max_len, head_dim)
+        # torch.empty, not zeros: positions are only read after being written, and `valid` masks the rest.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch_capacity, max_len, dtype=torch.int8, device=device)
+        self.seen = 0
+        self.batch = 0
+        self.version = 0   # bumped when buffers are re-allocated: captured graphs must be re-captured
+        super().__init__(layers=[BraidLayer(self, i) for i in range(num_layers)])
+
+    # -- helpers for the patched forward -------------------------------------------------------
+    def fits(self, batch: int, length: int) -> bool:
+        return batch <= self.batch_capacity and length <= self.max_len
+
+    def mark_prefill(self, attention_mask: torch.Tensor | None, batch: int, q_len: int) -> None:
+        """Record which of the positions about to be written are real tokens (not left padding)."""
+        start = self.seen
+        if start + q_len > self.max_len:
+            raise CacheTooSmall(f"{start + q_len} positions exceed the braid cache's length {self.max_len}")
+        dst = self.valid[:batch, start:start + q_len]
+        if attention_mask is None:
+            dst.fill_(1)
+        else:
+            dst.copy_(attention_mask[:, -q_len:])
+
+    @torch.no_grad()
+    def grow(self, new_len: int) -> None:
+        """Re-allocate every buffer with `new_len` positions, keeping the filled prefix."""
+        n = self.seen
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                new = torch.empty(old.shape[:2] + (new_len,) + old.shape[3:], dtype=old.dtype, device=old.device)
+                new[:, :, :n].copy_(old[:, :, :n])
+                bufs[i] = new
+        valid = torch.zeros(self.batch_capacity, new_len, dtype=torch.int8, device=self.valid.device)
+        valid[:, :n].copy_(self.valid[:, :n])
+        self.valid, self.max_len = valid, new_len
+        for i, layer in enumerate(self.layers):
+            layer.keys, layer.values = self.k[i], self.v[i]
+        self.version += 1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.valid.numel()
+
+    def release(self) -> None:
+        self.k.clear()
+        self.v.clear()
+        for layer in self.layers:
+            layer.keys = layer.values = None
+        self.valid = None
+        self.seen = 0

@@ -1,0 +1,22 @@
+import os
+
+# Triton kernels run in the CPU interpreter unless the GPU script asks for the real thing. This must
+# happen before triton is imported anywhere.
+if not os.environ.get("BRAID_GPU_TESTS"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if os.environ.get("BRAID_GPU_TESTS") and torch.cuda.is_available() else "cpu"
