@@ -1,0 +1,322 @@
+"""The decode GEMV used for every projection: [RMSNorm prologue] -> x @ W^T [+ bias]
+-> [act(gate) * up] -> [+ residual], one kernel, fp32 accumulation.
+
+`fused_gemv_reference` is the specification (cast points included). In short, with rnd = round to
+x.dtype (identity for fp32):
+  h   = x, or the RMSNorm of x (see rmsnorm.py for the two norm modes)
+  y   = rnd(h @ W^T + bias_f32)                      (one rounding, like cuBLAS's bias epilogue)
+  act:  W is packed [gate; up] (2I, K); out = rnd(rnd(act(y_gate)) * y_up)
+  residual: out = rnd(residual_f32 + out_f32)
+
+Two code paths, both exact w.r.t. the specification:
+  "gemv": few rows (M <= 8). Each program owns BLOCK_N weight rows (and the matching up rows for
+          act), streams them over K with wide loads and reduces with fp32 FMAs. Memory bound.
+  "tc":   tensor-core tiles (BLOCK_M >= 16) with tl.dot; M is padded with masks.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import DOT_UPCAST, next_pow2, tl, triton
+from .rmsnorm import BF16_RNE_FIX, _check_mode, norm_reference
+
+if triton is not None:
+    from .rmsnorm import _apply_norm, _round
+
+_ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
+
+
+# ----------------------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _act(g, ACT: tl.constexpr):
+        if ACT == 1:  # SiLU
+            a = g / (1.0 + tl.exp(-g))
+        else:  # GELU, tanh approximation; tanh(z) = 2 * sigmoid(2z) - 1 (no tanh in core tl)
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
+        return a
+
+    @triton.jit
+    def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr, stride_om,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  BF16_FIX: tl.constexpr):
+        DT = out_ptr.dtype.element_ty
+        mask_n = offs_n < N_OUT
+        mask = (offs_m < M)[:, None] & mask_n[None, :]
+        y = acc_g
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y = _round(y, DT, BF16_FIX)
+        if ACT != 0:
+            u = acc_u
+            if HAS_BIAS:
+                u += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            u = _round(u, DT, BF16_FIX)
+            y = _round(_round(_act(y, ACT), DT, BF16_FIX) * u, DT, BF16_FIX)
+        rows = offs_m.to(tl.int64)[:, None]
+        if HAS_RES:
+            # Aliasing: `out` may be `residual`. Each element is loaded here and stored below by the
+            # same program with the same offsets, and no other program touches it: in-place is safe.
+            res = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            y = _round(res.to(tl.float32) + y, DT, BF16_FIX)
+        tl.store(out_ptr + rows * stride_om + offs_n[None, :], y.to(DT), mask=mask)
+
+    @triton.jit
+    def _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """rsqrt(mean(x^2) + eps) for rows offs_m. x is tiny and L2-resident, so every program
+        recomputing it is cheaper than a separate launch."""
+        rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        mask_m = (offs_m < M)[:, None]
+        ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(rows + k[None, :], mask=mask_m & (k < K)[None, :], other=0.0).to(tl.float32)
+            ss += xv * xv
+        return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
+        ACT: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BF16_FIX: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        DT = x_ptr.dtype.element_ty
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m3 = (offs_m < M)[:, None, None]
+        mask_n3 = (offs_n < N_OUT)[None, :, None]
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm          # (BM, 1, 1)
+        w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None] * K                  # (1, BN, 1)
+        u_rows = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :, None] * K        # up half (act only)
+        if HAS_NORM:
+            r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None, None]
+        # 3-D accumulators: the cross-lane reduction over K happens once, after the loop.
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mk3 = (k < K)[None, None, :]
+            k3 = k[None, None, :]
+            h = tl.load(x_rows + k3, mask=mask_m3 & mk3, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                wf = tl.load(nw_ptr + k3, mask=mk3, other=0.0).to(tl.float32) + norm_offset
+                h = _apply_norm(h, r, wf, NORM_MODE, DT, BF16_FIX)
+            wg = tl.load(w_rows + k3, mask=mask_n3 & mk3, other=0.0).to(tl.float32)
+            acc_g += h * wg
+            if ACT != 0:
+                wu = tl.load(u_rows + k3, mask=mask_n3 & mk3, other=0.0).to(tl.float32)
+                acc_u += h * wu
+        _epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), offs_m, offs_n, M, N_OUT,
+                  b_ptr, res_ptr, stride_rm, out_ptr, stride_om, HAS_BIAS, ACT, HAS_RES, BF16_FIX)
+
+    @triton.jit
+    def _tc_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
+        ACT: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        DT = x_ptr.dtype.element_ty
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = (offs_m < M)[:, None]
+        mask_n = (offs_n < N_OUT)[None, :]
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
+        w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
+        u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
+        if HAS_NORM:
+            r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mk = k < K
+            h = tl.load(x_rows + k[None, :], mask=mask_m & mk[None, :], other=0.0)
+            if HAS_NORM:
+                wf = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)[None, :] + norm_offset
+                h = _apply_norm(h.to(tl.float32), r, wf, NORM_MODE, DT, BF16_FIX).to(DT)
+            wg = tl.load(w_cols + k[:, None], mask=mask_n & mk[:, None], other=0.0)
+            if DOT_UPCAST:  # interpreter: bf16 tl.dot is broken there; values are exact in fp32
+                h = h.to(tl.float32)
+                wg = wg.to(tl.float32)
+            if IEEE:
+                acc_g = tl.dot(h, wg, acc_g, input_precision="ieee")
+            else:
+                acc_g = tl.dot(h, wg, acc_g)
+            if ACT != 0:
+                wu = tl.load(u_cols + k[:, None], mask=mask_n & mk[:, None], other=0.0)
+                if DOT_UPCAST:
+                    wu = wu.to(tl.float32)
+                if IEEE:
+                    acc_u = tl.dot(h, wu, acc_u, input_precision="ieee")
+                else:
+                    acc_u = tl.dot(h, wu, acc_u)
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                  stride_om, HAS_BIAS, ACT, HAS_RES, BF16_FIX)
+
+
+# -------------------------------------------------------------------------------------- heuristics
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter: pretend H100 so CPU tests exercise the GPU choices
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+GEMV_MAX_M = 8  # above this the tensor-core path wins (tl.dot pays from ~16 rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool, device: torch.device,
+                   path: str | None = None) -> dict:
+    """Launch parameters from shapes/dtype/device only (never tensor values: CUDA-graph safe)."""
+    sms = _num_sms(device)
+    if path is None:
+        path = "gemv" if M <= GEMV_MAX_M else "tc"
+    if path == "gemv":
+        block_m = min(next_pow2(M), GEMV_MAX_M)
+        # >= ~2 programs per SM where N allows; 4..32 rows per program.
+        block_n = max(4, min(32, _prev_pow2(n_out // (2 * sms)))) if n_out >= 8 * sms else 4
+        block_n = min(block_n, next_pow2(n_out))
+        # ~4096 fp32 accumulator elements per program (32 registers/thread at 4 warps; x2 with act).
+        block_k = max(32, min(4096 // (block_m * block_n), next_pow2(K), 1024))
+        return dict(path="gemv", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                    num_stages=2)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    m_blocks = triton.cdiv(M, block_m)
+    block_n = 16
+    for bn in (128, 64, 32):  # widest tile that still gives one program per SM
+        if m_blocks * triton.cdiv(n_out, bn) >= sms:
+            block_n = bn
+            break
+    if has_act:
+        block_n = min(block_n, 64)
+    block_k = 128 if dtype != torch.float32 else 64
+    block_k = max(16, min(block_k, next_pow2(K)))
+    return dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+
+
+# ---------------------------------------------------------------------------------------- launcher
+def _check_2d(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.numel() > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
+               norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]); see the module docstring.
+
+    x (M, K) with contiguous last dim (row stride allowed); weight (N, K) contiguous, N = 2*N_out
+    for act in {"silu_mul", "gelu_tanh_mul"} (rows [gate; up]). `out` may be `residual` (in-place
+    residual-stream update). No host sync, no allocation when `out` is given. `config` overrides
+    the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    if act not in _ACTS:
+        raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
+    _check_mode(norm_mode)
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError("x must be (M, K) and weight (N, K)")
+    M, K = x.shape
+    N = weight.shape[0]
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {x.dtype}")
+    _check_2d("x", x, (M, K))
+    _check_2d("weight", weight, (N, K), x.dtype)
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous (nn.Linear layout)")
+    if act is not None and N % 2:
+        raise ValueError("packed gate|up weight must have an even number of rows")
+    n_out = N // 2 if act is not None else N
+    if bias is not None:
+        _check_2d("bias", bias, (N,))
+    if norm_weight is not None:
+        _check_2d("norm_weight", norm_weight, (K,))
+    if residual is not None:
+        _check_2d("residual", residual, (M, n_out), x.dtype)
+    if out is None:
+        out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    else:
+        _check_2d("out", out, (M, n_out), x.dtype)
+    if M == 0 or n_out == 0:
+        return out
+
+    path = config.get("path") if config else None
+    cfg = dict(default_config(M, n_out, K, x.dtype, act is not None, x.device, path))
+    if config:
+        cfg.update(config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    dummy = x  # pointer for disabled operands; never dereferenced (constexpr flags)
+    res = residual if residual is not None else dummy
+    args = (x, weight, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
+            res, out, M, n_out, K, x.stride(0), res.stride(0), out.stride(0), float(eps), float(norm_offset))
+    flags = dict(HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, NORM_MODE=int(norm_mode),
+                 ACT=_ACTS[act], HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["path"] == "gemv":
+        grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
+        _gemv_kernel[grid](*args, **flags)
+    elif cfg["path"] == "tc":
+        if min(bm, bn, bk) < 16:
+            raise ValueError(f"tc path needs BLOCK_M/N/K >= 16, got {bm}/{bn}/{bk}")
+        grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn))
+        _tc_kernel[grid](*args, **flags, DOT_UPCAST=DOT_UPCAST,
+                         IEEE=DOT_UPCAST or x.dtype == torch.float32)
+    else:
+        raise ValueError(f"unknown path {cfg['path']!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------- reference
+def _act_reference(g: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu_mul":
+        return torch.nn.functional.silu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh")
+
+
+def fused_gemv_reference(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
+                         norm_offset: float = 0.0, act: str | None = None,
+                         residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch specification of `fused_gemv` (same cast points; `out` may be `residual`)."""
+    dt = x.dtype
+    h = x if norm_weight is None else norm_reference(x, norm_weight, eps, norm_mode, norm_offset)
+    acc = h.float() @ weight.float().t()                      # fp32 accumulation
+    if bias is not None:
+        acc = acc + bias.float()
+    y = acc.to(dt)                                            # one rounding: GEMM + bias epilogue
+    if act is not None:
+        n_out = weight.shape[0] // 2
+        g, u = y[:, :n_out], y[:, n_out:]
+        # HF: act_fn(gate_proj(x)) * up_proj(x), each op materialised in the model dtype.
+        y = (_act_reference(g.float(), act).to(dt).float() * u.float()).to(dt)
+    if residual is not None:
+        y = (residual.float() + y.float()).to(dt)             # HF: residual + o_proj(x)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y

@@ -1,0 +1,174 @@
+"""RMSNorm (optionally fused with the residual add that precedes it), plus the norm helpers that
+fused_gemv.py reuses for its prologue.
+
+Cast points follow Hugging Face exactly; `rmsnorm_reference` is the specification:
+  s  = rnd(x_f32 + residual_f32)               (HF: `residual + hidden` in the model dtype)
+  r  = rsqrt(mean(s_f32^2) + eps)              (statistics in fp32)
+  norm_mode 0 (Llama/Qwen/Mistral, `weight * hidden.to(input_dtype)`):
+       h = rnd( rnd(s_f32 * r) * (w_f32 + norm_offset) )
+  norm_mode 1 (Gemma, `(x * r * (1 + w.float())).type_as(x)`):
+       h = rnd( s_f32 * r * (w_f32 + norm_offset) )
+where rnd = round-to-nearest-even to x.dtype (identity for fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import interpret_mode, next_pow2, tl, triton
+
+# The Triton interpreter converts fp32 -> bf16 by truncation (round toward zero), while the GPU and
+# torch round to nearest even. Under the interpreter we round by hand so CPU tests check the real
+# cast points; on the GPU the native conversion is used.
+BF16_RNE_FIX = interpret_mode()
+
+MAX_BLOCK_K = 4096  # longer rows are processed in chunks
+
+
+def _check_mode(norm_mode: int) -> None:
+    if norm_mode not in (0, 1):
+        raise ValueError(f"norm_mode must be 0 (Llama-style) or 1 (Gemma-style), got {norm_mode!r}")
+
+
+# ----------------------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _round(v, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
+        """fp32 -> DTYPE -> fp32: the rounding the stock model applies when it materialises a tensor."""
+        out = v
+        if DTYPE != tl.float32:
+            if BF16_FIX:
+                if DTYPE == tl.bfloat16:
+                    bits = v.to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    out = bits.to(tl.float32, bitcast=True)
+                else:
+                    out = v.to(DTYPE).to(tl.float32)
+            else:
+                out = v.to(DTYPE).to(tl.float32)
+        return out
+
+    @triton.jit
+    def _apply_norm(xf, r, wf, NORM_MODE: tl.constexpr, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
+        """xf: fp32 activations, r: broadcastable rsqrt statistic, wf: fp32 (weight + offset).
+        Returns the normalised activations as fp32 holding DTYPE-representable values."""
+        if NORM_MODE == 0:
+            # HF casts the normalised fp32 hidden back to the input dtype *before* the weight multiply.
+            h = _round(xf * r, DTYPE, BF16_FIX) * wf
+        else:
+            h = xf * r * wf
+        return _round(h, DTYPE, BF16_FIX)
+
+    @triton.jit
+    def _rmsnorm_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr,
+        K, stride_xm, stride_rm, stride_om,
+        eps, norm_offset,
+        HAS_RES: tl.constexpr, NORM_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+        BF16_FIX: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        DT = out_ptr.dtype.element_ty
+        offs = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + row * stride_xm
+        r_row = res_ptr + row * stride_rm
+        o_row = out_ptr + row * stride_om
+
+        # Pass 1: sum of squares of the (rounded) residual sum. Nothing is written here, so pass 2
+        # can recompute s from the untouched inputs.
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            mk = k < K
+            s = tl.load(x_row + k, mask=mk, other=0.0).to(tl.float32)
+            if HAS_RES:
+                s = _round(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
+            ss += s * s
+        r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+        # Pass 2. Aliasing: residual (and x, when out is x) is read and then overwritten element by
+        # element by this same program with the same offsets, so in-place updates are safe; rows
+        # never overlap between programs. `out` must not alias `residual` (both are written).
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            mk = k < K
+            s = tl.load(x_row + k, mask=mk, other=0.0).to(tl.float32)
+            if HAS_RES:
+                s = _round(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
+                tl.store(r_row + k, s.to(DT), mask=mk)
+            wf = tl.load(w_ptr + k, mask=mk, other=0.0).to(tl.float32) + norm_offset
+            h = _apply_norm(s, r, wf, NORM_MODE, DT, BF16_FIX)
+            tl.store(o_row + k, h.to(DT), mask=mk)
+
+
+# ---------------------------------------------------------------------------------------- launcher
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
+            norm_offset: float = 0.0, residual: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of x (M, K) rows, see the module docstring. With `residual` (M, K), s = x + residual
+    is written back into `residual` (the new residual stream) and s is normalised.
+    `out` may be x itself (in place), never `residual`. No host sync, no allocation if `out` given."""
+    _check_mode(norm_mode)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    if x.stride(1) != 1:
+        raise ValueError("x must have a contiguous last dimension")
+    if weight.shape != (K,):
+        raise ValueError(f"weight must have shape ({K},), got {tuple(weight.shape)}")
+    weight = weight.contiguous()
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
+            raise ValueError("residual must be (M, K), last dim contiguous, same dtype as x")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        if out.shape != x.shape or out.stride(1) != 1 or out.dtype != x.dtype:
+            raise ValueError("out must be (M, K), last dim contiguous, same dtype as x")
+        if residual is not None and out.data_ptr() == residual.data_ptr():
+            raise ValueError("out must not alias residual (both are written)")
+    if M == 0:
+        return out
+    block_k = min(next_pow2(K), MAX_BLOCK_K)
+    num_warps = 4 if block_k <= 1024 else 8
+    res = residual if residual is not None else x  # dummy pointer when HAS_RES is off
+    _rmsnorm_kernel[(M,)](
+        x, res, weight, out,
+        K, x.stride(0), res.stride(0), out.stride(0),
+        float(eps), float(norm_offset),
+        HAS_RES=residual is not None, NORM_MODE=int(norm_mode), BLOCK_K=block_k,
+        BF16_FIX=BF16_RNE_FIX, num_warps=num_warps,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------- reference
+def norm_reference(s: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: int,
+                   norm_offset: float) -> torch.Tensor:
+    """The normalisation alone (s already in its dtype); returns a tensor of s.dtype."""
+    _check_mode(norm_mode)
+    dt = s.dtype
+    sf = s.float()
+    r = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    wf = weight.float() + norm_offset
+    if norm_mode == 0:
+        h = (sf * r).to(dt).float() * wf
+    else:
+        h = sf * r * wf
+    return h.to(dt)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
+                      norm_offset: float = 0.0, residual: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch specification of `rmsnorm` (same in-place effects on `residual` / `out`)."""
+    s = x
+    if residual is not None:
+        s = (x.float() + residual.float()).to(x.dtype)
+    h = norm_reference(s, weight, eps, norm_mode, norm_offset)
+    if residual is not None:
+        residual.copy_(s)
+    if out is not None:
+        out.copy_(h)
+        return out
+    return h

@@ -1,0 +1,101 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from braid_backend.kernels import rmsnorm as rms_mod  # noqa: E402
+from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
+from braid_backend.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
+
+# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
+DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
+pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
+
+FP32_TOL = 1e-5
+BF16_RATIO = 2.0
+BF16_FLOOR = 1e-4
+CAST_MATCH = 0.25
+
+
+def relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def check(got, ref32, stock, dtype, what):
+    if dtype == torch.float32:
+        err = relerr(got, ref32)
+        assert err <= FP32_TOL, f"{what}: fp32 relerr {err:.3e}"
+    else:
+        err, err_stock = relerr(got, ref32), relerr(stock, ref32)
+        assert err <= BF16_RATIO * err_stock + BF16_FLOOR, f"{what}: relerr {err:.3e} vs stock {err_stock:.3e}"
+        dev = relerr(got, stock)  # same cast points as stock: only rare 1-ulp flips allowed
+        assert dev <= CAST_MATCH * err_stock, f"{what}: deviates from stock cast points: {dev:.3e}"
+
+
+def run(M, K, dtype, mode, offset, with_res, seed, x_pad=0, out_mode="poison"):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K + x_pad, generator=g) * 3).to(dtype).to(DEV)[:, :K]
+    w = (torch.randn(K, generator=g) * 0.5 + (0.0 if offset else 1.0)).to(dtype).to(DEV)
+    res = (torch.randn(M, K, generator=g) * 3).to(dtype).to(DEV) if with_res else None
+    kw = dict(eps=1e-6, norm_mode=mode, norm_offset=offset)
+    x0 = x.clone()
+    res0 = res.clone() if with_res else None
+
+    if out_mode == "poison":
+        out_buf = torch.full((M, K + 3), float("nan"), dtype=dtype, device=DEV)
+        out = out_buf[:, :K]
+    elif out_mode == "inplace_x":
+        out_buf, out = None, x
+    else:
+        out_buf, out = None, None
+    got = rmsnorm(x, w, residual=res, out=out, **kw)
+    if out is not None:
+        assert got.data_ptr() == out.data_ptr()
+    assert not torch.isnan(got).any(), "unwritten output elements"
+    if out_buf is not None:
+        assert torch.isnan(out_buf[:, K:]).all(), "wrote past the row end"
+
+    r32 = res0.float().clone() if with_res else None
+    ref32 = rmsnorm_reference(x0.float(), w.float(), residual=r32, **kw)
+    rs = res0.clone() if with_res else None
+    stock = rmsnorm_reference(x0, w, residual=rs, **kw)
+    check(got, ref32, stock, dtype, "out")
+    if with_res:
+        # the residual stream after the call: s = x + residual, rounded once to the model dtype
+        check(res, r32, rs, dtype, "residual")
+        if dtype != torch.float32:
+            assert torch.equal(res, rs), "residual sum must round exactly like torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode,offset", [(0, 0.0), (1, 1.0), (0, 0.5)], ids=["llama", "gemma", "offset"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("M,K", [(1, 96), (3, 123), (17, 257)])
+def test_rmsnorm(M, K, dtype, mode, offset, with_res):
+    run(M, K, dtype, mode, offset, with_res, seed=M * 1000 + K, x_pad=2)
+
+
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rmsnorm_inplace_x(with_res):
+    run(3, 123, torch.bfloat16, 0, 0.0, with_res, seed=9, out_mode="inplace_x")
+
+
+def test_rmsnorm_alloc_and_fp16():
+    run(2, 100, torch.float16, 1, 1.0, True, seed=4, out_mode="alloc")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_chunked_k(dtype, monkeypatch):
+    """Rows longer than the largest block: the chunked two-pass loop (and its tail)."""
+    monkeypatch.setattr(rms_mod, "MAX_BLOCK_K", 64)
+    run(3, 200, dtype, 0, 0.0, True, seed=21)
+    run(2, 129, dtype, 1, 1.0, False, seed=22)
+
+
+def test_rmsnorm_out_is_residual_rejected():
+    x = torch.randn(2, 32, device=DEV)
+    r = torch.randn(2, 32, device=DEV)
+    with pytest.raises(ValueError):
+        rmsnorm(x, torch.ones(32, device=DEV), residual=r, out=r)
