@@ -63,21 +63,20 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
     B, T = shape
     B *= max(1, getattr(cfg, "num_return_sequences", 1) or 1)
     new = cfg.max_new_tokens if cfg.max_new_tokens is not None else max(cfg.max_length - T, 0)
+    K = int(st.options.get("graph_steps", 8))
     with st.lock:
-        fast = st.options.get("fast_generate") and st.decode.device.type == "cuda"
-        if fast:
-            from ..runtime.fastgen import fast_generate, fast_reason
-
-            why_not = fast_reason(st, model, cfg, args, kwargs)
-            if why_not is None:
-                st.stats["generate_fast"] += 1
-                st.last_path = "fast (graph loop, device-side selection)"
-                return fast_generate(st, model, cfg, args, kwargs, B, T, new)
-            log.info("braid: generate() uses HF's loop with the braid forward: %s", why_not)
-            st.last_path = f"hf-loop ({why_not})"
-        else:
-            st.last_path = "hf-loop"
-        cache = st.shared_cache(B, T + new + 1)
+        # K spare positions: a K-step graph may run past the last needed token, and its capture warms
+        # up on the cache's last K slots
+        cache = st.shared_cache(B, T + new + K + 1)
         kwargs[st.cache_key] = cache
-        st.stats["generate_hf_loop"] += 1
+        if kwargs.get("custom_generate") is None:
+            from ..runtime.fastgen import fast_generate
+
+            def decoding_method(model_self, input_ids, **kw):
+                return fast_generate(st, model_self, input_ids, **kw)
+
+            kwargs["custom_generate"] = decoding_method
+        else:
+            st.last_path = "hf (custom_generate given)"
+            st.stats["generate_hf_loop"] += 1
         return orig_generate(*args, **kwargs)

@@ -38,6 +38,8 @@ class PatchState:
         self.cache: BraidCache | None = None
         self.lock = threading.RLock()
         self.graphs = None                 # runtime.graphs.GraphRunner, created lazily on CUDA
+        self.fast_loops: dict = {}         # runtime.fastgen.FastLoop per (bucket, cache, K, selection)
+        self.last_path = None              # which generate() path ran last (for reports and tests)
         self.stats = {"decode_fused": 0, "decode_graph": 0, "stock_forward": 0, "generate_fast": 0,
                       "generate_hf_loop": 0, "generate_stock": 0}
         self._warned: set[str] = set()
@@ -69,6 +71,7 @@ class PatchState:
         return isinstance(cache, BraidCache) and cache.owner_id == id(self) and cache.valid is not None
 
     def release(self) -> None:
+        self.fast_loops.clear()
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None

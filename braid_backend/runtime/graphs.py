@@ -36,7 +36,7 @@ class GraphRunner:
     def _key(self, bucket: int, cache, tag) -> tuple:
         return (bucket, id(cache), cache.version, cache.max_len, tag)
 
-    def capture(self, bucket: int, cache, tag, body) -> CapturedStep:
+    def capture(self, bucket: int, cache, tag, body, warm_slots: int = 1) -> CapturedStep:
         """Capture `body(bufs)` for this bucket; `body` runs one or more decode steps on the buffers."""
         key = self._key(bucket, cache, tag)
         got = self.graphs.get(key)
@@ -49,11 +49,13 @@ class GraphRunner:
         st = self.st
         st.decode.ensure_rope_table(cache.max_len)
         bufs = DecodeBuffers(st.decode, bucket, cache.max_len)
-        # Warm-up and capture write k/v at bufs.slots: point them at the last slot, which is not yet
-        # filled (seen < max_len) and is overwritten for real when reached; kv_lens=1 reads only slot 0.
-        bufs.slots.fill_(cache.max_len - 1)
+        # Warm-up and capture write k/v at bufs.slots (advancing by one per step for multi-step
+        # bodies): point them at the last warm_slots slots, which callers keep beyond any position in
+        # use and which are overwritten for real when reached; kv_lens=1 reads only slot 0.
+        first = cache.max_len - warm_slots
+        bufs.slots.fill_(first)
         bufs.kv_lens.fill_(1)
-        saved_valid = cache.valid[:bucket, cache.max_len - 1].clone()
+        saved_valid = cache.valid[:bucket, first:].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -63,7 +65,7 @@ class GraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = body(bufs, warmup=True)
-        cache.valid[:bucket, cache.max_len - 1].copy_(saved_valid)
+        cache.valid[:bucket, first:].copy_(saved_valid)
         step = CapturedStep(graph, bufs, out)
         self.graphs[key] = step
         self.captures += 1

@@ -1,0 +1,159 @@
+"""Token selection on the device, with no host syncs, so it can live inside a captured graph.
+
+Mirrors the HF logits processors generate() would build for the same GenerationConfig, in HF's
+order: repetition penalty, min_length / min_new_tokens (EOS masked), then, when sampling,
+temperature, top-k, top-p, min-p. Sampling draws with the exponential-race trick
+(argmax(p / E), E ~ Exp(1)), which samples exactly from p like torch.multinomial but needs no host
+round-trip; it uses torch's CUDA generator, which graph replays advance, so seeded calls repeat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    do_sample: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0      # min_length folded in (min_length - prompt length)
+    eos: tuple[int, ...] = ()
+    pad: int = 0
+
+    @classmethod
+    def from_hf(cls, logits_processor, stopping_criteria, generation_config, prompt_len: int):
+        """Build from the processor and stopping-criteria lists HF prepared for this call.
+
+        Returns (config, None), or (None, reason) when the lists hold something this path does not
+        implement; the caller then runs HF's own loop."""
+        kw: dict = {"do_sample": bool(generation_config.do_sample)}
+        order = []
+        for p in logits_processor:
+            name = type(p).__name__
+            if name == "RepetitionPenaltyLogitsProcessor" and getattr(p, "prompt_ignore_length", None) is None:
+                kw["repetition_penalty"] = float(p.penalty)
+            elif name == "MinLengthLogitsProcessor":
+                kw["min_new_tokens"] = max(kw.get("min_new_tokens", 0), int(p.min_length) - prompt_len)
+                kw["eos"] = _ids(p.eos_token_id)
+            elif name == "MinNewTokensLengthLogitsProcessor" and int(p.prompt_length_to_skip) == prompt_len:
+                kw["min_new_tokens"] = max(kw.get("min_new_tokens", 0), int(p.min_new_tokens))
+                kw["eos"] = _ids(p.eos_token_id)
+            elif name == "TemperatureLogitsWarper":
+                kw["temperature"] = float(p.temperature)
+            elif name == "TopKLogitsWarper" and p.filter_value == NEG_INF:
+                kw["top_k"] = int(p.top_k)
+            elif name == "TopPLogitsWarper" and p.filter_value == NEG_INF and p.min_tokens_to_keep == 1:
+                kw["top_p"] = float(p.top_p)
+            elif name == "MinPLogitsWarper" and p.filter_value == NEG_INF and p.min_tokens_to_keep == 1:
+                kw["min_p"] = float(p.min_p)
+            else:
+                return None, f"logits processor {name} is not on the fast path"
+            order.append(_ORDER.index(name))
+        if order != sorted(order):
+            return None, "logits processors in a non-standard order"
+        eos = ()
+        for c in stopping_criteria:
+            name = type(c).__name__
+            if name == "EosTokenCriteria":
+                eos = _ids(c.eos_token_id)
+            elif name != "MaxLengthCriteria":
+                return None, f"stopping criterion {name} is not on the fast path"
+        if "eos" in kw and eos and set(kw["eos"]) != set(eos):
+            return None, "min-length EOS ids differ from the stopping EOS ids"
+        kw["eos"] = eos or kw.get("eos", ())
+        pad = generation_config.pad_token_id
+        kw["pad"] = int(pad) if pad is not None else (kw["eos"][0] if kw["eos"] else 0)
+        if kw["eos"] and not eos:
+            return None, "EOS masked by min-length but no EOS stopping criterion"
+        return cls(**kw), None
+
+
+_ORDER = ["RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+          "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+
+
+def _ids(t) -> tuple[int, ...]:
+    if t is None:
+        return ()
+    if isinstance(t, torch.Tensor):
+        return tuple(int(x) for x in t.flatten().tolist())
+    if isinstance(t, (list, tuple)):
+        return tuple(int(x) for x in t)
+    return (int(t),)
+
+
+class SelectState:
+    """Per-row device state of one generate() call: finished flags, tokens seen, step counter."""
+
+    def __init__(self, M: int, vocab: int, cfg: SelectConfig, device):
+        self.done = torch.zeros(M, dtype=torch.bool, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)   # tokens generated so far
+        self.seen = torch.zeros(M, vocab, dtype=torch.bool, device=device) if cfg.repetition_penalty != 1.0 else None
+        self.eos = torch.tensor(cfg.eos or (-1,), dtype=torch.long, device=device)
+        self.cfg = cfg
+
+    def reset(self, input_ids: torch.Tensor, active: int) -> None:
+        """New call: rows >= active are padding rows of the graph bucket and count as finished."""
+        self.done.zero_()
+        self.done[active:] = True
+        self.count.zero_()
+        if self.seen is not None:
+            self.seen.zero_()
+            self.seen[:active].scatter_(1, input_ids, True)
+
+
+def process_scores(scores: torch.Tensor, st: SelectState) -> torch.Tensor:
+    """HF's processors and warpers on fp32 scores (M, V), in HF's order."""
+    c = st.cfg
+    if st.seen is not None:
+        pen = torch.where(scores < 0, scores * c.repetition_penalty, scores / c.repetition_penalty)
+        scores = torch.where(st.seen, pen, scores)
+    if c.min_new_tokens > 0 and c.eos:
+        block = st.count < c.min_new_tokens
+        eos_scores = scores[:, st.eos]
+        scores = scores.index_copy(1, st.eos, torch.where(block, torch.full_like(eos_scores, NEG_INF), eos_scores))
+    if not c.do_sample:
+        return scores
+    if c.temperature != 1.0:
+        scores = scores / c.temperature
+    if c.top_k:
+        k = min(c.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    if c.top_p < 1.0:
+        sorted_scores, idx = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - c.top_p)
+        remove[:, -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, idx, remove), NEG_INF)
+    if c.min_p is not None:
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < c.min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+        scores = scores.masked_fill(remove, NEG_INF)
+    return scores
+
+
+def select_next(logits: torch.Tensor, st: SelectState) -> torch.Tensor:
+    """Next token per row (M,), with finished rows emitting pad; updates st in place."""
+    scores = process_scores(logits.float(), st)
+    if st.cfg.do_sample:
+        probs = torch.softmax(scores, dim=-1)
+        race = torch.empty_like(probs).exponential_()
+        tok = (probs / race).argmax(dim=-1)
+    else:
+        tok = scores.argmax(dim=-1)
+    tok = torch.where(st.done, torch.full_like(tok, st.cfg.pad), tok)
+    if st.cfg.eos:
+        st.done |= torch.isin(tok, st.eos)
+    if st.seen is not None:
+        st.seen.scatter_(1, tok[:, None], True)
+    st.count += 1
+    return tok
