@@ -1,0 +1,40 @@
+"""Short table of a scripts/gpu_check.sh run (reads the files it wrote into one folder)."""
+import glob
+import json
+import os
+import sys
+
+work = sys.argv[1]
+
+
+def load(name):
+    p = os.path.join(work, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+env = open(os.path.join(work, "env.txt")).read().strip() if os.path.exists(os.path.join(work, "env.txt")) else "?"
+print("env:", env.replace("\n", " | "))
+errs = load("gpu_errors.json") or []
+if errs:
+    print("\ncorrectness (teacher-forced logits vs fp32; rule braid <= 2x stock)")
+    print(f"{'preset':14} {'ctx':>5} {'graphs':>6} {'stock err':>10} {'braid err':>10} {'ratio':>6}")
+    for r in errs:
+        print(f"{r['preset']:14} {r['ctx']:5d} {str(r['graphs']):>6} {r['stock_err']:10.3e} {r['braid_err']:10.3e} {r['ratio']:6.2f}")
+log = os.path.join(work, "tests.log")
+if os.path.exists(log):
+    tail = [l for l in open(log).read().splitlines() if " passed" in l or " failed" in l]
+    print("tests:", tail[-1] if tail else "no summary line")
+for name in ("gemv.json", "attention.json"):
+    rows = load(name)
+    if not rows:
+        continue
+    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+    print(f"\n{name}: kernel, shape, batch, us, GB/s, %copyBW, baseline us, speedup")
+    for r in rows:
+        if isinstance(r, dict) and "us" in r:
+            print(f"  {r.get('kernel',''):22} {str(r.get('shape','')):26} b{r.get('batch','')} {r['us']:9.2f} "
+                  f"{r.get('gbs', 0):8.1f} {r.get('pct_copy_bw', 0):6.1f}% {r.get('baseline_us', 0):9.2f} "
+                  f"x{r.get('speedup', 0)} {r.get('config','')}")
+for path in sorted(glob.glob(os.path.join(work, "bench-*", "results.md"))):
+    print(f"\n{os.path.basename(os.path.dirname(path))}:")
+    print(open(path).read().strip())

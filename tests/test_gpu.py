@@ -1,0 +1,96 @@
+"""GPU checks on the real presets (random weights), run by scripts/gpu_check.sh on the GPU machine.
+
+The rule: the patched model's teacher-forced logits error against an fp32 reference is at most 2x
+the stock bf16 model's own error, at context lengths 1, 300 and 4000."""
+import json
+import os
+
+import pytest
+import torch
+
+import braid_backend
+from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
+from braid_backend.presets import build_model
+
+pytestmark = pytest.mark.gpu
+CONTEXTS = (1, 300, 4000)
+STEPS = 8
+RESULTS = []
+
+
+def _record(row):
+    RESULTS.append(row)
+    out = os.environ.get("BRAID_GPU_JSON")
+    if out:
+        with open(out, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b"])
+def test_bf16_error_within_2x_of_stock(preset):
+    model = build_model(preset, dtype=torch.bfloat16, device="cuda", seed=0)
+    V = model.config.vocab_size
+    cases = []
+    for ctx in CONTEXTS:
+        prompt = random_tokens(V, 1, ctx, 100 + ctx, "cuda")
+        cont = random_tokens(V, 1, STEPS, 200 + ctx, "cuda")
+        ref = fp32_reference_logits(model, prompt, cont)
+        stock = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+        cases.append((ctx, prompt, cont, ref, stock))
+    failures = []
+    for graphs in (False, True):
+        braid_backend.patch(model, graphs=graphs)
+        for ctx, prompt, cont, ref, stock in cases:
+            err = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+            _record(dict(preset=preset, ctx=ctx, graphs=graphs, stock_err=stock, braid_err=err, ratio=err / stock))
+            if not err <= 2 * stock:
+                failures.append((ctx, graphs, err, stock))
+        braid_backend.unpatch(model)
+    assert not failures, failures
+
+
+def _gen(model, ids, mask=None, **kw):
+    return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+
+
+def test_graph_fast_loop_equals_eager_kernels_greedy():
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=1)
+    ids = random_tokens(model.config.vocab_size, 3, 50, 7, "cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    braid_backend.patch(model, graphs=False)
+    eager = _gen(model, ids, mask, max_new_tokens=64, min_new_tokens=64)
+    assert model._braid_state.last_path.startswith("fast")
+    braid_backend.unpatch(model)
+    braid_backend.patch(model)
+    fast = _gen(model, ids, mask, max_new_tokens=64, min_new_tokens=64)
+    assert model._braid_state.last_path == "fast"
+    hf_loop = _gen(model, ids, mask, max_new_tokens=64, min_new_tokens=64, output_scores=True,
+                   return_dict_in_generate=True).sequences
+    assert model._braid_state.last_path.startswith("hf-loop")
+    assert torch.equal(fast, eager)
+    assert torch.equal(hf_loop, eager)
+
+
+def test_seeded_sampling_repeats_and_eos_list():
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=2)
+    ids = random_tokens(model.config.vocab_size, 2, 30, 8, "cuda")
+    braid_backend.patch(model)
+    kw = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=40,
+              pad_token_id=0)
+    torch.manual_seed(123)
+    a = model.generate(ids, **kw)
+    torch.manual_seed(123)
+    b = model.generate(ids, **kw)
+    assert model._braid_state.last_path == "fast"
+    assert torch.equal(a, b)
+    assert len(set(a[0, 30:].tolist())) > 3, "sampling should not repeat one token"
+    # an EOS list: stop at whichever comes first, pad afterwards, like HF
+    eos = [int(a[0, 35]), int(a[1, 38])]
+    torch.manual_seed(123)
+    c = model.generate(ids, eos_token_id=eos, **kw)
+    assert c.shape[1] <= a.shape[1]
+    for row in c[:, 30:]:
+        hits = [i for i, t in enumerate(row.tolist()) if t in eos]
+        if hits:
+            assert (row[hits[0] + 1:] == 0).all()
