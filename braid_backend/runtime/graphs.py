@@ -53,15 +53,21 @@ class GraphRunner:
         # bodies): point them at the last warm_slots slots, which callers keep beyond any position in
         # use and which are overwritten for real when reached; kv_lens=1 reads only slot 0.
         first = cache.max_len - warm_slots
-        bufs.slots.fill_(first)
-        bufs.kv_lens.fill_(1)
+
+        def prime():  # before every warm-up / capture call: multi-step bodies advance the slots
+            bufs.slots.fill_(first)
+            bufs.kv_lens.fill_(1)
+            bufs.pos.zero_()
+
         saved_valid = cache.valid[:bucket, first:].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
+                prime()
                 body(bufs, warmup=True)
         torch.cuda.current_stream().wait_stream(side)
+        prime()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = body(bufs, warmup=True)
