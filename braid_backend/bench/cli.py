@@ -1,0 +1,429 @@
+"""braid-bench: A/B benchmark of stock transformers against the braid-patched model.
+
+Each variant runs in its own subprocess (braid_backend.bench.runner), so a crash in one is recorded
+and the rest go on. Writes results.json, results.md and tokps.png to --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import report
+from .runner import INTERPRET_NOTE, PROGRESS
+
+VARIANTS = ("stock", "hf-static", "braid", "braid-eager")
+DEFAULT_VARIANTS = ("stock", "hf-static", "braid")
+TEST_VARIANTS = ("crash", "hang")   # test aids, not listed in --help
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Defaults: (GPU, CPU). On CPU the Triton interpreter takes seconds per fused decode step, so everything
+# is tiny there: a bare `braid-bench` on a GPU-less machine is a smoke test that finishes in ~2 minutes.
+DEFAULTS = {
+    "model": ("qwen2.5-0.5b", "qwen2.5-0.5b"), "batch_sizes": ([1, 16], [1]), "prompt_len": (128, 8),
+    "new_tokens": (256, 2), "warmup": (2, 0), "reps": (3, 2), "check_prompt_len": (64, 8), "check_steps": (16, 1),
+}
+
+
+def _say(msg: str) -> None:
+    print(f"{PROGRESS} {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- arguments
+
+def _positive(name):
+    def conv(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {v}")
+        return v
+    return conv
+
+
+def _non_negative(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _batch_list(s):
+    parts = [p.strip() for p in s.split(",")]
+    out = []
+    for p in parts:
+        if not p.isdigit() or int(p) <= 0:
+            raise argparse.ArgumentTypeError(
+                f"batch sizes must be a comma-separated list of positive integers (e.g. 1,4,16); bad entry {p!r} in {s!r}")
+        out.append(int(p))
+    return list(dict.fromkeys(out))
+
+
+def _variant_list(s):
+    if s.strip() == "all":
+        return list(VARIANTS)
+    out = []
+    for v in (p.strip() for p in s.split(",")):
+        if v not in VARIANTS + TEST_VARIANTS:
+            raise argparse.ArgumentTypeError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)} (or 'all')")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError("no variants given")
+    return list(dict.fromkeys(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..presets import ALL_PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="braid-bench",
+        description="A/B benchmark: stock transformers vs HF static cache vs braid_backend.patch(), each variant "
+                    "in its own subprocess. Without a GPU, big presets are replaced by the tiny preset.",
+        epilog="Defaults (GPU / CPU): batch 1,16 / 1; prompt 128 / 8; new tokens 256 / 2; warm-ups 2 / 0; "
+               "reps 3 / 2; logits check prompt 64 / 8, steps 16 / 1.")
+    p.add_argument("-m", "--model", default=None,
+                   help=f"preset ({', '.join(ALL_PRESETS)}; real configs, random weights), a local checkpoint "
+                        "folder or a hub id (org/name). Default qwen2.5-0.5b")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda if available, else cpu (Triton kernels then run under TRITON_INTERPRET=1)")
+    p.add_argument("-b", "--batch-sizes", type=_batch_list, default=None, metavar="B1,B2,...",
+                   help="batch sizes to sweep")
+    p.add_argument("-p", "--prompt-len", type=_positive("--prompt-len"), default=None, help="random prompt tokens")
+    p.add_argument("-n", "--new-tokens", type=_positive("--new-tokens"), default=None,
+                   help="tokens generated per call (>= 2; min_new_tokens = max_new_tokens)")
+    p.add_argument("--reps", type=_positive("--reps"), default=None, help="timed repetitions (median, min/max)")
+    p.add_argument("--warmup", type=_non_negative, default=None, help="warm-up repetitions, excluded")
+    p.add_argument("--variants", type=_variant_list, default=None, metavar="V1,V2,...",
+                   help=f"from {', '.join(VARIANTS)} or 'all' (default {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--check", choices=("first", "all", "none"), default="first",
+                   help="batch sizes that get the teacher-forced logits check vs an fp32 reference")
+    p.add_argument("--check-prompt-len", type=_positive("--check-prompt-len"), default=None)
+    p.add_argument("--check-steps", type=_positive("--check-steps"), default=None,
+                   help="teacher-forced decode steps in the logits check")
+    p.add_argument("--no-agreement", action="store_true", help="skip greedy-token agreement with stock")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=_positive("--timeout"), default=3600, help="seconds per variant subprocess")
+    p.add_argument("-o", "--out-dir", default=None, help="default braid-results/<timestamp>")
+    p.add_argument("--allow-big-on-cpu", action="store_true",
+                   help="run a big preset on CPU instead of switching to the tiny preset")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any variant/batch did not finish ok")
+    p.add_argument("-v", "--verbose", action="store_true", help="echo the variant subprocesses' full output")
+    return p
+
+
+def resolve(args, parser) -> tuple[dict, list[str]]:
+    """Fill device-dependent defaults and check what argparse can't; returns (settings, notes)."""
+    import torch
+
+    from ..presets import ALL_PRESETS, PRESETS
+
+    notes = []
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+        if device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is visible to torch")
+    cpu = device == "cpu"
+    s = {k: (getattr(args, k) if getattr(args, k) is not None else DEFAULTS[k][cpu]) for k in DEFAULTS}
+    if s["new_tokens"] < 2:
+        parser.error("--new-tokens must be >= 2 (decode time is (generate(N) - generate(1)) / (N - 1))")
+    requested = s["model"]
+    if requested in ALL_PRESETS:
+        source = "preset"
+    elif os.path.exists(requested):
+        source = "path"
+    elif HUB_ID.fullmatch(requested):
+        source = "hub"
+    else:
+        parser.error(f"unknown model {requested!r}: not a preset ({', '.join(ALL_PRESETS)}), "
+                     "not an existing path, not a hub id (org/name)")
+    model = requested
+    if cpu and source == "preset" and requested in PRESETS and not args.allow_big_on_cpu:
+        model = "tiny"
+        notes.append(f"no GPU: running the tiny preset (tiny-qwen2, random weights) instead of {requested} "
+                     "(pass --allow-big-on-cpu to force it); CPU timings only prove the tool works")
+    if cpu:
+        notes.append(INTERPRET_NOTE)
+        notes.append("CPU run: no copy bandwidth (% of BW limit) and no peak GPU memory")
+    s.update(model=model, requested_model=requested, model_source=source, device=device,
+             dtype=args.dtype, variants=args.variants or list(DEFAULT_VARIANTS), check=args.check,
+             agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout)
+    return s, notes
+
+
+# ----------------------------------------------------------------------------------- subprocesses
+
+def _child_env(device: str) -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):   # a source checkout: make it importable
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)   # real kernels on the GPU, whatever the caller's shell had
+    return env
+
+
+def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool) -> dict:
+    """Run one worker; returns {"records", "returncode", "timed_out", "tail", "wall_s"}."""
+    with tempfile.TemporaryDirectory(prefix="braid-bench-") as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.jsonl")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        cmd = [sys.executable, "-m", "braid_backend.bench.runner", spec_path, out_path]
+        tail = collections.deque(maxlen=60)
+        log = open(log_path, "w") if log_path else None
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=_child_env(device), start_new_session=True, errors="replace")
+
+        def pump():
+            for line in proc.stdout:
+                tail.append(line)
+                if log:
+                    log.write(line)
+                    log.flush()
+                if verbose or line.startswith(PROGRESS):
+                    sys.stderr.write("  " + line)
+                    sys.stderr.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # the worker's own session: it and its children only
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+        reader.join(timeout=10)
+        if log:
+            log.close()
+        records = []
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                for line in f:
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:   # a line cut by the crash
+                        pass
+        return {"records": records, "returncode": rc, "timed_out": timed_out, "tail": "".join(tail),
+                "wall_s": time.perf_counter() - t0}
+
+
+def _failure_reason(res: dict, timeout: float) -> str:
+    if res["timed_out"]:
+        return f"timeout after {timeout}s"
+    rc = res["returncode"]
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _blank_row(variant, batch):
+    row = {k: None for k in report.ROW_SCHEMA}
+    row.update(variant=variant, batch=batch, status="ok", notes=[])
+    return row
+
+
+def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict]:
+    meta = next((r for r in res["records"] if r.get("type") == "meta"), None)
+    got = {r["batch"]: r for r in res["records"] if r.get("type") == "row"}
+    if meta and not facts_box.get("facts"):
+        facts_box["facts"] = meta["model"]
+    failed = res["timed_out"] or res["returncode"] != 0
+    reason = _failure_reason(res, s["timeout"]) if failed else None
+    rows = []
+    for b in s["batch_sizes"]:
+        row = _blank_row(variant, b)
+        if b in got:
+            rec = dict(got[b])
+            rec.pop("type", None)
+            row.update(rec)
+        else:
+            row.update(status="crashed" if failed else "error", returncode=res["returncode"],
+                       timed_out=res["timed_out"], reason=reason or "no result",
+                       stderr_tail=res["tail"][-4000:] or None,
+                       error=None if failed else "worker exited 0 without a result for this batch")
+            if facts_box.get("facts"):
+                f = facts_box["facts"]
+                row["bytes_per_step"] = int(f["weight_bytes"] + f["kv_bytes_per_token"] * b
+                                            * (s["prompt_len"] + s["new_tokens"] / 2))
+        if meta:
+            row["notes"] = list(meta.get("notes") or []) + list(row.get("notes") or [])
+            row["patch"] = meta.get("patch")
+        rows.append(row)
+    return rows
+
+
+def add_ratios(rows: list[dict], copy_bw_gbs) -> None:
+    def dec(variant, b):
+        r = next((r for r in rows if r["variant"] == variant and r["batch"] == b and r["status"] == "ok"), None)
+        return r["decode_ms_per_step"]["median"] if r else None
+
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        d = r["decode_ms_per_step"]["median"]
+        for base, key in (("stock", "speedup_vs_stock"), ("hf-static", "speedup_vs_hf_static")):
+            bd = dec(base, r["batch"])
+            r[key] = bd / d if bd is not None and bd > 0 and d > 0 else None
+        if copy_bw_gbs and r.get("bytes_per_step") and d > 0:   # d <= 0: within timer noise (tiny N)
+            r["bw_limit_pct"] = 100.0 * (r["bytes_per_step"] / (copy_bw_gbs * 1e9)) / (d / 1e3)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def _version(dist):
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _package_version():
+    v = _version("braid-backend")
+    if v is None:
+        try:
+            from .. import __version__ as v
+        except Exception:
+            v = None
+    return v
+
+
+def _git_commit():
+    """HEAD of the checkout this package runs from (with '-dirty' if it has changes), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    s, notes = resolve(args, parser)
+    out_dir = args.out_dir or os.path.join("braid-results", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    for n in notes:
+        _say("NOTE: " + n)
+    _say(f"model {s['model']} {s['dtype']} on {s['device']}; variants {','.join(s['variants'])}; "
+         f"batch {s['batch_sizes']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, "
+         f"warm-up {s['warmup']}, reps {s['reps']}; output {out_dir}")
+
+    probe = None
+    if s["device"] == "cuda":
+        _say("probe: GPU facts and device-to-device copy bandwidth")
+        res = run_child({"kind": "probe"}, 600, "cuda", os.path.join(out_dir, "logs", "probe.log"), args.verbose)
+        probe = next((r for r in res["records"] if r.get("type") == "probe"), None)
+        if probe is None:
+            notes.append(f"copy-bandwidth probe failed ({_failure_reason(res, 600)}): % of BW limit not reported")
+        else:
+            _say(f"probe: {probe['gpu_name']}, driver {probe['driver']}, copy {probe['copy_bw_gbs']:.0f} GB/s")
+    copy_bw = probe.get("copy_bw_gbs") if probe else None
+
+    spec_keys = ("model", "dtype", "device", "batch_sizes", "prompt_len", "new_tokens", "warmup", "reps",
+                 "seed", "check", "check_prompt_len", "check_steps", "agreement")
+    rows, facts_box = [], {}
+    for i, v in enumerate(s["variants"]):
+        _say(f"({i + 1}/{len(s['variants'])}) variant {v}: starting subprocess")
+        spec = {k: s[k] for k in spec_keys}
+        spec["variant"] = v
+        res = run_child(spec, s["timeout"], s["device"], os.path.join(out_dir, "logs", f"{v}.log"), args.verbose)
+        vrows = collect_rows(v, s, res, facts_box)
+        bad = [r for r in vrows if r["status"] != "ok"]
+        if res["timed_out"] or res["returncode"] != 0:
+            _say(f"variant {v}: CRASHED ({_failure_reason(res, s['timeout'])}); recorded, continuing")
+        elif bad:
+            _say(f"variant {v}: {len(bad)} batch size(s) failed; recorded")
+        _say(f"variant {v}: done in {res['wall_s']:.1f}s")
+        rows.extend(vrows)
+    add_ratios(rows, copy_bw)
+
+    facts = facts_box.get("facts") or {}
+    run_args = {k: v for k, v in s.items()}
+    run_args["out_dir"] = out_dir
+    doc = {
+        "schema_version": report.SCHEMA_VERSION, "tool": "braid-bench",
+        "env": {
+            "gpu_name": probe.get("gpu_name") if probe else None,
+            "driver": probe.get("driver") if probe else None,
+            "cuda_runtime": probe.get("cuda_runtime") if probe else None,
+            "torch": _version("torch"), "transformers": _version("transformers"), "triton": _version("triton"),
+            "braid_backend": _package_version(), "git_commit": _git_commit(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(), "args": run_args,
+            "triton_interpret": s["device"] == "cpu",
+        },
+        "device": s["device"],
+        "model": {"name": s["model"], "requested": s["requested_model"], "source": s["model_source"],
+                  "dtype": s["dtype"], **facts},
+        "copy_bw_gbs": copy_bw, "probe": probe, "results": rows,
+        "notes": notes + sorted({n for r in rows for n in (r.get("notes") or [])} - set(notes)),
+    }
+    problems = report.validate(doc)
+    if problems:   # a bug in this tool, not in what it measured; say so, still write everything
+        doc["notes"].append("schema problems: " + "; ".join(problems))
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("json", "results.json"), ("md", "results.md"), ("png", "tokps.png"))}
+    with open(paths["json"], "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    with open(paths["md"], "w") as f:
+        f.write(report.markdown(doc))
+    try:
+        report.plot(doc, paths["png"])
+    except Exception as e:   # matplotlib missing or broken: the numbers are already saved
+        _say(f"plot not written: {e}")
+        paths.pop("png")
+
+    print()
+    print(f"braid-bench: {doc['model']['name']} {s['dtype']} on {doc['env']['gpu_name'] or 'CPU'}"
+          + (f", copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
+    print(report.terminal_table(rows))
+    for n in doc["notes"]:
+        print(f"note: {n}")
+    print("wrote " + ", ".join(paths.values()))
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    if n_ok == 0:
+        return 1
+    if args.strict and n_ok < len(rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
