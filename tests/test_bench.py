@@ -86,6 +86,8 @@ def test_end_to_end_json(tiny_run):
             assert r["speedup_vs_hf_static"] == pytest.approx(hf / r["decode_ms_per_step"]["median"])
         assert rows_of(doc, "hf-static")[b]["greedy_agreement"] == 1.0   # HF's static cache: same math
         assert rows_of(doc, "stock")[b]["greedy_agreement"] is None
+    # the reference tokens came from the stock variant's own run, not a second stock generate
+    assert "stock greedy tokens" not in (tiny_run["dir"] / "logs" / "hf-static.log").read_text()
 
     # bytes per step: every parameter once (tied lm_head == embed_tokens) + KV at the mean context
     facts = doc["model"]

@@ -209,15 +209,22 @@ def run_child(spec: dict, timeout: float, device: str, log_path: str | None, ver
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         timed_out = False
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+
+        def kill():
             try:
                 os.killpg(proc.pid, signal.SIGKILL)   # the worker's own session: it and its children only
             except ProcessLookupError:
                 pass
+
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill()
             rc = proc.wait()
+        except BaseException:   # Ctrl-C: the worker is in its own session and would not see it
+            kill()
+            raise
         reader.join(timeout=10)
         if log:
             log.close()
@@ -352,16 +359,22 @@ def main(argv=None) -> int:
         if probe is None:
             notes.append(f"copy-bandwidth probe failed ({_failure_reason(res, 600)}): % of BW limit not reported")
         else:
-            _say(f"probe: {probe['gpu_name']}, driver {probe['driver']}, copy {probe['copy_bw_gbs']:.0f} GB/s")
+            _say(f"probe: {probe['gpu_name']}, driver {probe['driver']}, "
+                 f"copy {report._f(probe['copy_bw_gbs'], '{:.0f} GB/s', 'not measured')}")
     copy_bw = probe.get("copy_bw_gbs") if probe else None
 
     spec_keys = ("model", "dtype", "device", "batch_sizes", "prompt_len", "new_tokens", "warmup", "reps",
                  "seed", "check", "check_prompt_len", "check_steps", "agreement")
     rows, facts_box = [], {}
-    for i, v in enumerate(s["variants"]):
-        _say(f"({i + 1}/{len(s['variants'])}) variant {v}: starting subprocess")
+    # stock runs first: its greedy tokens are the reference for the others' agreement (saves re-generating).
+    order = sorted(s["variants"], key=lambda v: v != "stock")
+    run_tmp = tempfile.TemporaryDirectory(prefix="braid-bench-run-")
+    tokens_path = os.path.join(run_tmp.name, "stock_tokens.json")
+    for i, v in enumerate(order):
+        _say(f"({i + 1}/{len(order)}) variant {v}: starting subprocess")
         spec = {k: s[k] for k in spec_keys}
         spec["variant"] = v
+        spec["tokens_out" if v == "stock" else "ref_tokens"] = tokens_path
         res = run_child(spec, s["timeout"], s["device"], os.path.join(out_dir, "logs", f"{v}.log"), args.verbose)
         vrows = collect_rows(v, s, res, facts_box)
         bad = [r for r in vrows if r["status"] != "ok"]
@@ -371,6 +384,7 @@ def main(argv=None) -> int:
             _say(f"variant {v}: {len(bad)} batch size(s) failed; recorded")
         _say(f"variant {v}: done in {res['wall_s']:.1f}s")
         rows.extend(vrows)
+    run_tmp.cleanup()
     add_ratios(rows, copy_bw)
 
     facts = facts_box.get("facts") or {}
