@@ -10,10 +10,16 @@ WORK=$(mktemp -d /tmp/braid-gpu.XXXX)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} BRAID_GPU_TESTS=1 PYTHONUNBUFFERED=1
 STAGES=${STAGES:-"env tests kernels bench"}
+# model:batches[:variants] entries
 BENCH_MODELS=${BENCH_MODELS:-"qwen2.5-0.5b:1,16 qwen3-0.6b:1 llama-3.2-1b:1"}
 VARIANTS=${VARIANTS:-stock,hf-static,braid-eager,braid}
 t0=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - t0 ))s)"; }
+# after every stage: everything so far goes to $OUT, so a run cut off by its time limit still reports
+publish() {
+  python3 scripts/summarize_gpu.py "$WORK" > "$WORK/summary.txt" 2>&1
+  tar -czf "$OUT/gpu-results.tgz" -C "$WORK" . && cp "$WORK/summary.txt" "$OUT/summary.txt"
+}
 
 for s in $STAGES; do
   case $s in
@@ -25,23 +31,28 @@ for s in $STAGES; do
   tests)
     stage tests
     BRAID_GPU_JSON=$WORK/gpu_errors.json timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rA \
-      ${TESTS:-tests/test_gpu.py} -p no:cacheprovider 2>&1 | tee "$WORK/tests.log" | grep -E "passed|failed|PASS|FAIL|Error|error" | tail -n 40 ;;
+      ${TESTS:-tests/test_gpu.py} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
+    grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/tests.log" | tail -n 20 ;;
   kernels)
     stage kernels
-    timeout 150 python3 benchmarks/kernels/bench_gemv.py --out "$WORK/gemv.json" --budget ${GEMV_BUDGET:-40} 2>&1 | tee "$WORK/gemv.log" | tail -n 25
-    timeout 120 python3 benchmarks/kernels/bench_attention.py --out "$WORK/attention.json" 2>&1 | tee "$WORK/attention.log" | tail -n 20 ;;
+    timeout 150 python3 benchmarks/kernels/bench_gemv.py --out "$WORK/gemv.json" --budget ${GEMV_BUDGET:-40} > "$WORK/gemv.log" 2>&1
+    timeout 120 python3 benchmarks/kernels/bench_attention.py --out "$WORK/attention.json" > "$WORK/attention.log" 2>&1
+    tail -n 3 "$WORK/gemv.log" "$WORK/attention.log" ;;
   bench)
     for mb in $BENCH_MODELS; do
-      m=${mb%%:*}; b=${mb#*:}
-      stage "bench $m batch $b"
-      timeout ${BENCH_TIMEOUT:-600} python3 -m braid_backend.bench -m "$m" -b "$b" --variants "$VARIANTS" \
-        -p 128 -n 256 --reps 3 --warmup 2 --timeout 400 -o "$WORK/bench-$m" 2>&1 | tee "$WORK/bench-$m.log" | tail -n 12
+      m=${mb%%:*}; rest=${mb#*:}; b=${rest%%:*}; v=${rest#*:}; [ "$v" = "$rest" ] && v=$VARIANTS
+      stage "bench $m batch $b ($v)"
+      timeout ${BENCH_TIMEOUT:-600} python3 -m braid_backend.bench -m "$m" -b "$b" --variants "$v" \
+        -p 128 -n 256 --reps ${REPS:-3} --warmup ${WARMUP:-2} --timeout ${VARIANT_TIMEOUT:-400} \
+        -o "$WORK/bench-$m-b${b//,/_}" > "$WORK/bench-$m-b${b//,/_}.log" 2>&1
+      tail -n 8 "$WORK/bench-$m-b${b//,/_}.log"
+      publish
     done ;;
   esac
+  publish
 done
 
 stage summary
-python3 scripts/summarize_gpu.py "$WORK" 2>&1 | tee "$WORK/summary.txt"
-tar -czf "$OUT/gpu-results.tgz" -C "$WORK" .
-cp "$WORK/summary.txt" "$OUT/summary.txt"
+publish
+cat "$WORK/summary.txt"
 echo "done in $(( $(date +%s) - t0 ))s"

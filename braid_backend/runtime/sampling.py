@@ -152,7 +152,7 @@ def select_next(logits: torch.Tensor, st: SelectState) -> torch.Tensor:
         tok = scores.argmax(dim=-1)
     tok = torch.where(st.done, torch.full_like(tok, st.cfg.pad), tok)
     if st.cfg.eos:
-        st.done |= torch.isin(tok, st.eos)
+        st.done |= (tok[:, None] == st.eos[None, :]).any(dim=-1)  # not isin: keep it a plain kernel
     if st.seen is not None:
         st.seen.scatter_(1, tok[:, None], True)
     st.count += 1
