@@ -176,7 +176,7 @@ if triton is not None:
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend H100 so CPU tests exercise the GPU choices
+    return 132
 
 
 def _prev_pow2(n: int) -> int:
@@ -193,10 +193,18 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     sms = _num_sms(device)
     if path is None:
         path = "gemv" if M <= GEMV_MAX_M else "tc"
+    if device.type == "cpu":
+        # Triton interpreter: every program is a Python-level loop, so few big programs run the
+        # CPU tests 10-50x faster than the GPU's many small ones (kernel tests force GPU configs).
+        block_m = min(next_pow2(M), GEMV_MAX_M) if path == "gemv" else max(16, min(next_pow2(M), 64))
+        return dict(path=path, BLOCK_M=block_m, BLOCK_N=min(next_pow2(n_out), 128),
+                    BLOCK_K=min(next_pow2(K), 256), num_warps=4, num_stages=1)
     if path == "gemv":
         block_m = min(next_pow2(M), GEMV_MAX_M)
-        # >= ~2 programs per SM where N allows; 4..32 rows per program.
-        block_n = max(4, min(32, _prev_pow2(n_out // (2 * sms)))) if n_out >= 8 * sms else 4
+        # >= ~2 programs per SM where N allows; 4..32 rows per program. Small N (o_proj, down, qkv
+        # of 0.5B models): 2 rows per program measured best on the H100 (down 10.7 -> 7.1 us,
+        # qkv 5.7 -> 4.5 us, o_proj 4.0 -> 3.5 us at batch 1; benchmarks/results/h100-kernels-*.json).
+        block_n = max(4, min(32, _prev_pow2(n_out // (2 * sms)))) if n_out >= 8 * sms else 2
         block_n = min(block_n, next_pow2(n_out))
         # ~4096 fp32 accumulator elements per program (32 registers/thread at 4 warps; x2 with act).
         block_k = max(32, min(4096 // (block_m * block_n), next_pow2(K), 1024))
