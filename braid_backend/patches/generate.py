@@ -72,10 +72,14 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
         if kwargs.get("custom_generate") is None:
             from ..runtime.fastgen import fast_generate
 
-            def decoding_method(model_self, input_ids, **kw):
-                return fast_generate(st, model_self, input_ids, **kw)
+            # HF hands a callable custom_generate only the keyword arguments that _sample lacks, so
+            # the streamer travels under its own name (HF still puts the prompt to it itself)
+            def decoding_method(model_self, input_ids, braid_streamer=None, **kw):
+                return fast_generate(st, model_self, input_ids, streamer=braid_streamer, **kw)
 
             kwargs["custom_generate"] = decoding_method
+            if kwargs.get("streamer") is not None:
+                kwargs["braid_streamer"] = kwargs["streamer"]
         else:
             st.last_path = "hf (custom_generate given)"
             st.stats["generate_hf_loop"] += 1
