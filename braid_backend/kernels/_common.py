@@ -27,6 +27,19 @@ def interpret_mode() -> bool:
 DOT_UPCAST = interpret_mode()
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def rne_bf16(x):
+        """fp32 -> nearest-even bf16 value, kept in fp32.
+
+        The Triton interpreter converts fp32 -> bf16 by truncation while the GPU (and torch) round to
+        nearest even; kernels call this only under the interpreter so CPU tests see GPU numerics."""
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return bits.to(tl.float32, bitcast=True)
+
+
 def kernels_usable(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors of this device, and if not, why."""
     if not HAS_TRITON:

@@ -19,19 +19,14 @@ import torch
 
 from ._common import DOT_UPCAST, interpret_mode, next_pow2, triton, tl
 
+if triton is not None:
+    from ._common import rne_bf16 as _rne_bf16
+
 MIN_SPLIT_LEN = 256  # a split must have enough positions to amortise its q load + partial write
 MAX_SPLITS = 128
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rne_bf16(x):
-        # The Triton interpreter truncates fp32->bf16 (the GPU rounds to nearest even): round by hand so
-        # CPU tests see the GPU's numerics. Only traced when FIX_BF16 (interpreter + bf16).
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _attn_split_kernel(

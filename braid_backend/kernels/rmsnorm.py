@@ -16,6 +16,9 @@ import torch
 
 from ._common import interpret_mode, next_pow2, tl, triton
 
+if triton is not None:
+    from ._common import rne_bf16
+
 # The Triton interpreter converts fp32 -> bf16 by truncation (round toward zero), while the GPU and
 # torch round to nearest even. Under the interpreter we round by hand so CPU tests check the real
 # cast points; on the GPU the native conversion is used.
@@ -39,9 +42,7 @@ if triton is not None:
         if DTYPE != tl.float32:
             if BF16_FIX:
                 if DTYPE == tl.bfloat16:
-                    bits = v.to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    out = bits.to(tl.float32, bitcast=True)
+                    out = rne_bf16(v)
                 else:
                     out = v.to(DTYPE).to(tl.float32)
             else:

@@ -14,18 +14,17 @@ import torch
 
 from ._common import interpret_mode, next_pow2, triton, tl
 
+if triton is not None:
+    from ._common import rne_bf16
+
 
 if triton is not None:
 
     @triton.jit
     def _rnd(x, DT: tl.constexpr, FIX_BF16: tl.constexpr):
         # Round an fp32 value to the model dtype and back: the points where HF's bf16 ops round.
-        if FIX_BF16:
-            # The Triton interpreter truncates fp32->bf16 instead of rounding to nearest even (the GPU
-            # does RTNE), so round by hand there; the result is exact in bf16 and the cast is a no-op.
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-            x = bits.to(tl.float32, bitcast=True)
+        if FIX_BF16:  # interpreter only: it truncates where the GPU rounds to nearest even
+            x = rne_bf16(x)
         return x.to(DT).to(tl.float32)
 
     @triton.jit
