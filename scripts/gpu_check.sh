@@ -9,7 +9,7 @@ OUT=${OUT:-$PWD/gpu-out}
 WORK=$(mktemp -d /tmp/braid-gpu.XXXX)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} BRAID_GPU_TESTS=1 PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"env tests kernels bench"}
+STAGES=${STAGES:-"env tests kernels breakdown bench"}
 # model:batches[:variants] entries
 BENCH_MODELS=${BENCH_MODELS:-"qwen2.5-0.5b:1,16 qwen3-0.6b:1 llama-3.2-1b:1"}
 VARIANTS=${VARIANTS:-stock,hf-static,braid-eager,braid}
@@ -38,6 +38,10 @@ for s in $STAGES; do
     timeout 150 python3 benchmarks/kernels/bench_gemv.py --out "$WORK/gemv.json" --budget ${GEMV_BUDGET:-40} > "$WORK/gemv.log" 2>&1
     timeout 120 python3 benchmarks/kernels/bench_attention.py --out "$WORK/attention.json" > "$WORK/attention.log" 2>&1
     tail -n 3 "$WORK/gemv.log" "$WORK/attention.log" ;;
+  breakdown)
+    stage breakdown
+    timeout 180 python3 benchmarks/step_breakdown.py qwen2.5-0.5b --out "$WORK/breakdown.json" > "$WORK/breakdown.log" 2>&1
+    tail -n 8 "$WORK/breakdown.log" ;;
   bench)
     for mb in $BENCH_MODELS; do
       m=${mb%%:*}; rest=${mb#*:}; b=${rest%%:*}; v=${rest#*:}; [ "$v" = "$rest" ] && v=$VARIANTS
