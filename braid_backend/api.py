@@ -61,10 +61,21 @@ def patch(model, **options) -> PatchReport:
             return _refuse(model, report, f"model.{attr} is already replaced on the instance "
                                           "(another library's hook?)", opts["strict"])
     report.family = plan.spec.family
-    st = PatchState(model, plan, report, opts)
-    _fill_report(report, plan, opts, device)
+    views = _packed_views(model)
+    try:
+        st = PatchState(model, plan, report, opts)
+        _fill_report(report, plan, opts, device)
+    except Exception as e:  # a bug or an unforeseen module: never leave the weights half-packed
+        log.debug("braid: patch failed", exc_info=True)
+        _rollback(model, views)
+        report.patched.clear()
+        report.stock.clear()
+        report.family = None
+        return _refuse(model, report, f"patching failed and was rolled back ({type(e).__name__}: {e})",
+                       opts["strict"])
     orig_forward = type(model).forward.__get__(model)
     orig_generate = type(model).generate.__get__(model)
+    st.orig_forward = orig_forward
 
     def forward(self, *args, **kwargs):
         if args:  # HF forwards take input_ids first positionally
@@ -84,6 +95,25 @@ def patch(model, **options) -> PatchReport:
     model._braid_new_cache = lambda batch=1, length=256: st.new_cache(batch, length)
     log.info("braid: patched %s (%s, %d layers)", report.model, plan.spec.family, len(plan.layers))
     return report
+
+
+def _packed_views(model) -> set:
+    """(module, name) of every parameter that is a view into a larger storage before patching."""
+    return {(id(m), n) for m in model.modules() for n, p in m._parameters.items()
+            if p is not None and _is_view(p)}
+
+
+def _is_view(p: torch.Tensor) -> bool:
+    return p.untyped_storage().nbytes() > p.numel() * p.element_size()
+
+
+@torch.no_grad()
+def _rollback(model, views_before: set) -> None:
+    """Give back separate tensors to parameters that patching turned into views of a packed buffer."""
+    for m in model.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None and _is_view(p) and (id(m), n) not in views_before:
+                m._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
 def _fill_report(report: PatchReport, plan, opts, device) -> None:

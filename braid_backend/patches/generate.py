@@ -11,6 +11,10 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
+
+from .model import GraphCaptureFailed
+
 log = logging.getLogger("braid_backend")
 
 
@@ -36,10 +40,15 @@ def stock_reason(cfg, kwargs: dict) -> str | None:
     return None
 
 
-def input_shape(args, kwargs) -> tuple[int, int] | None:
+def input_ids_of(args, kwargs):
     x = kwargs.get("input_ids", kwargs.get("inputs"))
     if x is None and args:
         x = args[0]
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def input_shape(args, kwargs) -> tuple[int, int] | None:
+    x = input_ids_of(args, kwargs)
     if x is None:
         x = kwargs.get("inputs_embeds")
     if x is None or not hasattr(x, "shape") or x.dim() < 2:
@@ -47,11 +56,29 @@ def input_shape(args, kwargs) -> tuple[int, int] | None:
     return int(x.shape[0]), int(x.shape[1])
 
 
+def _rng_state(device):
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None)
+
+
+def _set_rng_state(state, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def braid_generate(st, model, orig_generate, *args, **kwargs):
+    st.check_params(full=True)
+    if not st.options.get("disabled") and not model.training:
+        ids = input_ids_of(args, kwargs)
+        st.maybe_verify(model, ids, kwargs.get("attention_mask"))
     if st.options.get("disabled"):
+        st.last_path = "stock (disabled)"
         return orig_generate(*args, **kwargs)
     cfg = resolve_generation_config(model, kwargs)
     why = stock_reason(cfg, kwargs)
+    if why is None and model.training:
+        why = "model is in training mode"
     shape = input_shape(args, kwargs)
     if why is None and shape is None:
         why = "no input_ids/inputs_embeds tensor to size the cache from"
@@ -69,18 +96,29 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
         # up on the cache's last K slots
         cache = st.shared_cache(B, T + new + K + 1)
         kwargs[st.cache_key] = cache
+        if st.graphs_active():
+            st.graph_runner()   # before fastgen makes a plain GraphRunner: capture failures must fall back
         if kwargs.get("custom_generate") is None:
-            from ..runtime.fastgen import fast_generate
-
-            # HF hands a callable custom_generate only the keyword arguments that _sample lacks, so
-            # the streamer travels under its own name (HF still puts the prompt to it itself)
-            def decoding_method(model_self, input_ids, braid_streamer=None, **kw):
-                return fast_generate(st, model_self, input_ids, streamer=braid_streamer, **kw)
-
-            kwargs["custom_generate"] = decoding_method
-            if kwargs.get("streamer") is not None:
-                kwargs["braid_streamer"] = kwargs["streamer"]
+            kwargs["custom_generate"] = _decoding_method(st, cache)
         else:
             st.last_path = "hf (custom_generate given)"
             st.stats["generate_hf_loop"] += 1
         return orig_generate(*args, **kwargs)
+
+
+def _decoding_method(st, cache):
+    def decoding_method(model_self, input_ids, **kw):
+        from ..runtime import fastgen  # looked up per call: tests swap fast_generate to inject faults
+
+        rng = _rng_state(st.decode.device)
+        try:
+            return fastgen.fast_generate(st, model_self, input_ids, **kw)
+        except GraphCaptureFailed:
+            # graphs are off now. Nothing was streamed or returned yet (the loop is built before the
+            # first token is picked): redo the prefill into the same cache with the RNG as it was,
+            # so a seeded call draws what it would have drawn
+            cache.seen = 0
+            _set_rng_state(rng, st.decode.device)
+            return fastgen.fast_generate(st, model_self, input_ids, **kw)
+
+    return decoding_method

@@ -8,6 +8,8 @@ keys/values in place and returns the filled prefix, so from HF's side it behaves
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -28,10 +30,19 @@ class BraidLayer(CacheLayerMixin):
 
     def __init__(self, owner: "BraidCache", idx: int):
         super().__init__()
-        self.owner, self.idx = owner, idx
+        # a weak link: cache <-> layer would be a reference cycle, and a cache in a cycle frees its
+        # buffers (and lets the patch drop graphs captured on them) only when the cyclic GC runs
+        self._owner, self.idx = weakref.ref(owner), idx
         self.keys, self.values = owner.k[idx], owner.v[idx]
         self.device = self.keys.device
         self.is_initialized = True
+
+    @property
+    def owner(self) -> "BraidCache":
+        o = self._owner()
+        if o is None:
+            raise RuntimeError("braid cache layer used after its BraidCache was freed")
+        return o
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage exists from the start
         return None
@@ -96,6 +107,11 @@ class BraidCache(Cache):
         if start + q_len > self.max_len:
             raise CacheTooSmall(f"{start + q_len} positions exceed the braid cache's length {self.max_len}")
         dst = self.valid[:batch, start:start + q_len]
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != batch
+                                           or attention_mask.shape[1] < q_len):
+            # RuntimeError like stock's shape mismatch, but saying which argument is wrong
+            raise RuntimeError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the "
+                               f"{q_len} new positions of {batch} sequences")
         if attention_mask is None:
             dst.fill_(1)
         else:

@@ -1,0 +1,100 @@
+"""patch(verify=True): on first use, check a few decode steps of the patched model against stock.
+
+The check feeds the same tokens to both paths (teacher forcing): the call's own prompt, cut to its
+last PROMPT tokens and first ROWS rows, as prefill, then STEPS single-token decode steps. Stock is
+the class's own forward with a fresh DynamicCache; patched is the braid forward with a braid cache,
+so prefill (stock modules writing the braid cache), the cache layout, RoPE tables and every fused
+kernel are in the comparison. Graphs are left out: a replay runs the same kernels on the same
+buffers, and capturing for a throw-away cache would only cost memory.
+
+Tolerance on max over steps of ||patched - stock|| / ||stock|| of the logits:
+- fp32: 5e-3. Both sides are fp32, but on the GPU Triton's tl.dot rounds fp32 operands to TF32
+  (10-bit mantissa) by default; that costs ~1e-3 at most on the logits, while real faults (a wrong
+  weight, RoPE table, mask or cache slot) show up at 1e-1 and beyond.
+- fp16/bf16: 5e-2. Each side rounds at its own points and is ~1e-2 away from an fp32 reference on
+  random and real models alike (bf16: 8 mantissa bits), so two correct paths differ by up to about
+  twice that; the fused path's allowed error (2x stock's, see DESIGN.md) stays under this bound.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .numerics import rel_err
+from .runtime.hf_compat import output_cache
+
+log = logging.getLogger("braid_backend")
+
+PROMPT, ROWS, STEPS = 32, 2, 3
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+@torch.no_grad()
+def _teacher_forced(fwd, cache_key, prompt, mask, cont, cache=None) -> list[torch.Tensor]:
+    B = prompt.shape[0]
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    extra = {cache_key: cache} if cache is not None else {}
+    out = fwd(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    logits = [out.logits[:, -1].float()]
+    cache = output_cache(out)
+    for i in range(cont.shape[1]):
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = fwd(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                  **{cache_key: cache})
+        logits.append(out.logits[:, -1].float())
+        cache = output_cache(out)
+    return logits
+
+
+def check_inputs(st, input_ids, attention_mask):
+    """The verification's prompt, mask and continuation tokens, cut from the call's own inputs."""
+    dev = st.decode.device
+    ids = input_ids[:ROWS, -PROMPT:].to(dev, torch.long)
+    if attention_mask is not None and attention_mask.shape == input_ids.shape:
+        mask = attention_mask[:ROWS, -PROMPT:].to(dev, torch.long).clone()
+    else:
+        mask = torch.ones_like(ids)
+    mask[:, -1] = 1   # a row cut down to padding only would have nothing to attend to
+    T = ids.shape[1]
+    cont = ids[:, torch.arange(STEPS, device=dev) % T]
+    return ids, mask, cont
+
+
+def verify_patch(st, model, input_ids, attention_mask=None) -> dict:
+    """Run the check; on a miss (or an exception) warn, record it in the report and run stock from now on."""
+    tol = TOLERANCE.get(st.decode.dtype, 5e-2)
+    res = dict(ok=False, max_err=None, tol=tol, errs=[], error=None)
+    cache = None
+    try:
+        ids, mask, cont = check_inputs(st, input_ids, attention_mask)
+        res.update(rows=ids.shape[0], prompt_len=ids.shape[1], steps=STEPS)
+        stock = _teacher_forced(st.orig_forward, st.cache_key, ids, mask, cont)
+        cache = st.new_cache(ids.shape[0], ids.shape[1] + STEPS + 1)
+        st.eager_only = True
+        try:
+            patched = _teacher_forced(lambda **kw: st.forward(model, st.orig_forward, **kw), st.cache_key,
+                                      ids, mask, cont, cache)
+        finally:
+            st.eager_only = False
+        res["errs"] = [rel_err(p, s) for p, s in zip(patched, stock)]
+        res["max_err"] = max(res["errs"])
+        res["ok"] = res["max_err"] <= tol
+    except Exception as e:  # a crash in the check is a failed check, not a failed user call
+        log.debug("braid: verification raised", exc_info=True)
+        res["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if cache is not None:
+            cache.release()
+    st.verify_result = res
+    if res["ok"]:
+        msg = (f"braid: verify passed: patched vs stock logits max rel err {res['max_err']:.2e} over "
+               f"{len(res['errs'])} steps (tol {tol:.0e})")
+        log.info(msg)
+        st.report.events.append(msg)
+    else:
+        what = res["error"] or f"max rel err {res['max_err']:.2e} > tol {tol:.0e}"
+        st.warn_once("verify", f"braid: verify FAILED ({what}); running stock from now on")
+        st.disable()
+    return res

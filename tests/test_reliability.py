@@ -1,0 +1,655 @@
+"""Reliability (issue #5): refusals leave the model untouched, bad inputs behave like stock, faults fall
+back to correct output, unpatch restores stock bit for bit.
+
+CPU tests run the kernels in the Triton interpreter (fp32 where exactness matters, graph_steps=2 to
+keep interpreter time down). Graph capture does not exist on the CPU: the two capture-failure tests
+fake the runner and say so; the real thing is in the GPU tests at the end (marked `gpu`: on the GPU
+machine `BRAID_GPU_TESTS=1 pytest tests/test_reliability.py -m gpu`).
+"""
+import copy
+import logging
+import os
+import threading
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import braid_backend  # noqa: E402
+from braid_backend import BraidUnsupportedError  # noqa: E402
+from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits  # noqa: E402
+from braid_backend.presets import build_model  # noqa: E402
+
+ON_GPU = bool(os.environ.get("BRAID_GPU_TESTS")) and torch.cuda.is_available()
+cpu_only = pytest.mark.skipif(ON_GPU, reason="CPU-side simulation (interpreter / fake graph runner)")
+
+
+def gen(model, ids, **kw):
+    kw.setdefault("do_sample", False)
+    return model.generate(ids, pad_token_id=0, **kw)
+
+
+def toks(model, B, T, seed, device="cpu"):
+    return random_tokens(model.config.vocab_size, B, T, seed, device)
+
+
+def outcome(fn):
+    """('ok', tensor) or ('exc', exception type): what a call did, for stock-vs-patched comparisons."""
+    try:
+        return "ok", fn()
+    except Exception as e:
+        return "exc", type(e)
+
+
+def same(a, b) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "exc":
+        return a[1] is b[1]
+    return a[1].dtype == b[1].dtype and torch.equal(a[1], b[1])
+
+
+def assert_unpatched(model, st=None):
+    assert not braid_backend.is_patched(model)
+    for attr in ("forward", "generate", "_braid_state", "_braid_new_cache", "_braid_report"):
+        assert attr not in vars(model), attr
+    if st is not None:  # graphs, loops, caches and fused layers released
+        assert st.cache is None and st.graphs is None and not st.fast_loops and not st.decode.layers
+
+
+def unpatch_and_check(model, ref_fn, ref):
+    st = getattr(model, "_braid_state", None)
+    braid_backend.unpatch(model)
+    assert_unpatched(model, st)
+    assert torch.equal(ref_fn(), ref), "unpatch must restore stock output bit for bit"
+
+
+# -- refusals ------------------------------------------------------------------------------------------
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2)).eval()
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
+                                               vocab_size=100)).eval()
+
+
+class LoraLikeLinear(nn.Linear):
+    """A Linear subclass (LoRA, quantized linears look like this): computes something else."""
+
+
+def _with_linear_subclass():
+    m = build_model("tiny-qwen2", dtype=torch.float32)
+    old = m.model.layers[1].self_attn.q_proj
+    new = LoraLikeLinear(old.in_features, old.out_features, bias=True)
+    new.load_state_dict(old.state_dict())
+    m.model.layers[1].self_attn.q_proj = new
+    return m
+
+
+def _tweak(**attrs):
+    def make():
+        m = build_model("tiny-qwen2", dtype=torch.float32)
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+    return make
+
+
+def _training():
+    return build_model("tiny-qwen2", dtype=torch.float32).train()
+
+
+def _flash():
+    m = build_model("tiny-qwen2", dtype=torch.float32)
+    m.config._attn_implementation = "flash_attention_2"   # stock itself fails here without flash-attn
+    return m
+
+
+REFUSALS = {
+    "gpt2": (_gpt2, "gpt2"),
+    "t5": (_t5, "encoder-decoder"),
+    "training": (_training, "training"),
+    "quantized": (_tweak(hf_quantizer=object()), "quantized"),
+    "linear-subclass": (_with_linear_subclass, "LoraLikeLinear"),
+    "device-map-2-devices": (_tweak(hf_device_map={"model.embed_tokens": 0, "model.layers": 0, "lm_head": 1}),
+                             "device"),
+    "dynamic-rope": (lambda: build_model("tiny-llama", dtype=torch.float32, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "dynamic"),
+    "flash-attention-2": (_flash, "flash_attention_2"),
+}
+
+
+@torch.no_grad()
+def _stock_out(model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    if model.config.is_encoder_decoder:
+        return outcome(lambda: model(input_ids=ids, decoder_input_ids=ids).logits)
+    return outcome(lambda: model(ids).logits)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refused_model_is_left_untouched(case, caplog):
+    make, word = REFUSALS[case]
+    model = make()
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    ref = _stock_out(model)
+    with caplog.at_level(logging.WARNING, logger="braid_backend"):
+        report = braid_backend.patch(model)
+    assert not report.ok and word.lower() in report.reason.lower(), report.reason
+    assert any(r.name == "braid_backend" and report.reason in r.getMessage() for r in caplog.records)
+    assert "LEFT STOCK" in str(report)
+    with pytest.raises(BraidUnsupportedError, match=word):
+        braid_backend.patch(model, strict=True)
+    assert not braid_backend.is_patched(model)
+    assert "forward" not in vars(model) and "generate" not in vars(model)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert same(_stock_out(model), ref)
+    braid_backend.unpatch(model)   # harmless on a refused model; drops the stored report
+    assert_unpatched(model)
+
+
+@cpu_only
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    model = build_model("tiny-llama", dtype=torch.float32)
+    ref = _stock_out(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    report = braid_backend.patch(model)
+    assert not report.ok and "TRITON_INTERPRET" in report.reason
+    with pytest.raises(BraidUnsupportedError, match="CPU"):
+        braid_backend.patch(model, strict=True)
+    assert not braid_backend.is_patched(model) and same(_stock_out(model), ref)
+
+
+def test_failure_while_patching_rolls_back(monkeypatch):
+    """An exception after the weights were packed (a bug, an odd module) must not leave views behind."""
+    import braid_backend.patches.model as pm
+
+    real = pm.DecodeState
+
+    class Exploding(real):
+        def __init__(self, plan):
+            super().__init__(plan)   # packs q|k|v and gate|up of every layer
+            raise RuntimeError("injected fault after packing")
+
+    monkeypatch.setattr(pm, "DecodeState", Exploding)
+    model = build_model("tiny-qwen3", dtype=torch.float32)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _stock_out(model)
+    report = braid_backend.patch(model)
+    assert not report.ok and "rolled back" in report.reason and "injected" in report.reason
+    for p in model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), "a parameter is still a view"
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert "forward" not in vars(model) and same(_stock_out(model), ref)
+    with pytest.raises(BraidUnsupportedError, match="injected"):
+        braid_backend.patch(model, strict=True)
+
+
+# -- attention variants, dtypes -----------------------------------------------------------------------
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-mistral", dict(sliding_window=6)),
+    ("tiny-qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+])
+def test_sliding_window_matches_stock(name, overrides, device):
+    model = build_model(name, dtype=torch.float32, device=device, seed=7, **overrides)
+    full = build_model(name, dtype=torch.float32, device=device, seed=7)   # same weights, no window
+    prompt, cont = toks(model, 2, 12, 71, device), toks(model, 2, 4, 72, device)
+    ref = teacher_forced_logits(model, prompt, cont)
+    assert rel_err(teacher_forced_logits(full, prompt, cont), ref) > 1e-3, "the window should matter here"
+    report = braid_backend.patch(model, graph_steps=2)
+    assert report.ok and "sliding window 6" in str(report)
+    assert rel_err(teacher_forced_logits(model, prompt, cont), ref) < 2e-5
+    unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_within_2x_of_stock_and_verify_passes(dtype, device):
+    model = build_model("tiny-qwen2", dtype=dtype, device=device, seed=8)
+    prompt, cont = toks(model, 2, 8, 81, device), toks(model, 2, 3, 82, device)
+    ref32 = fp32_reference_logits(model, prompt, cont)
+    stock = teacher_forced_logits(model, prompt, cont)
+    braid_backend.patch(model, verify=True)
+    err = rel_err(teacher_forced_logits(model, prompt, cont), ref32)
+    assert err <= 2 * rel_err(stock, ref32) + 1e-4, (err, rel_err(stock, ref32))
+    st = model._braid_state
+    assert st.verify_result["ok"] and not st.options.get("disabled"), st.verify_result
+    unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont), stock)
+
+
+# -- the model changes after patch() -------------------------------------------------------------------
+def test_cast_after_patch_runs_stock(caplog, device):
+    model = build_model("tiny-llama", dtype=torch.float32, device=device, seed=9)
+    ref = build_model("tiny-llama", dtype=torch.float32, device=device, seed=9).half()
+    prompt, cont = toks(model, 2, 6, 91, device), toks(model, 2, 3, 92, device)
+    braid_backend.patch(model, graph_steps=2)
+    model.half()   # parameters get new fp16 storage; the packed fp32 copies are stale
+    with caplog.at_level(logging.WARNING, logger="braid_backend"):
+        out = gen(model, prompt, max_new_tokens=3)   # generate first: it must not build an fp32 cache
+    assert torch.equal(out, gen(ref, prompt, max_new_tokens=3))
+    assert any("moved" in r.getMessage() for r in caplog.records)
+    assert torch.equal(teacher_forced_logits(model, prompt, cont), teacher_forced_logits(ref, prompt, cont))
+    unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont),
+                      teacher_forced_logits(ref, prompt, cont))
+
+
+def test_replaced_parameter_after_patch_runs_stock(device):
+    """One parameter of a later layer re-assigned: the cheap per-step check would miss it."""
+    model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=10)
+    prompt, cont = toks(model, 1, 6, 101, device), toks(model, 1, 3, 102, device)
+    braid_backend.patch(model, graph_steps=2)
+    new_w = torch.randn_like(model.model.layers[1].mlp.up_proj.weight)
+    ref = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=10)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.data = new_w.clone()
+        ref.model.layers[1].mlp.up_proj.weight.data = new_w.clone()
+    assert torch.equal(gen(model, prompt, max_new_tokens=3), gen(ref, prompt, max_new_tokens=3))
+    assert model._braid_state.options.get("disabled")
+    assert torch.equal(teacher_forced_logits(model, prompt, cont), teacher_forced_logits(ref, prompt, cont))
+
+
+def test_cast_mid_sequence_is_a_clear_error_and_training_runs_stock(device):
+    model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=11)
+    ref = copy.deepcopy(model)
+    ids = toks(model, 1, 6, 111, device)
+    braid_backend.patch(model, graph_steps=2)
+    # train() after patch: stock (dropout and friends), eval() brings the patched path back
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref.train()(ids).logits)
+    assert gen(model, ids, max_new_tokens=2).shape == (1, 8) and "training" in model._braid_state.last_path
+    model.eval()
+    ref.eval()
+    # a sequence whose braid cache was filled in fp32 cannot continue once the model is fp16
+    from braid_backend.runtime.hf_compat import cache_kwarg_name, output_cache
+
+    with torch.no_grad():
+        cache = output_cache(model(ids[:, :5], use_cache=True))
+        model.half()
+        with pytest.raises(RuntimeError, match="moved after patch"):
+            model(ids[:, 5:], use_cache=True, **{cache_kwarg_name(model): cache})
+        assert torch.equal(model(ids).logits, ref.half()(ids).logits)   # a fresh call is stock
+
+
+# -- generate() inputs -------------------------------------------------------------------------------
+def test_bad_and_edge_generate_inputs_behave_like_stock(monkeypatch, device):
+    """Each case: the patched call does what the stock call does (same output, or same exception type)."""
+    import braid_backend.patches.model as pm
+
+    stock = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=12, max_position_embeddings=16)
+    model = copy.deepcopy(stock)
+    braid_backend.patch(model, graph_steps=2)
+    d = device
+    padded = toks(model, 3, 6, 121, d)
+    padded[0, :2] = 0
+    padded[2, :4] = 0
+    L = torch.long
+    cases = {
+        "empty prompt (1, 0)": dict(input_ids=torch.zeros(1, 0, dtype=L, device=d), max_new_tokens=2),
+        "empty batch (0, 4)": dict(input_ids=torch.zeros(0, 4, dtype=L, device=d), max_new_tokens=2),
+        "max_new_tokens=0": dict(input_ids=toks(model, 1, 4, 122, d), max_new_tokens=0),
+        "max_new_tokens=1": dict(input_ids=toks(model, 2, 4, 123, d), max_new_tokens=1),
+        "prompt 20 > max_position_embeddings 16": dict(input_ids=toks(model, 1, 20, 124, d), max_new_tokens=3),
+        "left padding + mask": dict(input_ids=padded, attention_mask=(padded != 0).long(), max_new_tokens=3),
+        "left padding, no mask (pad inferred)": dict(input_ids=padded, max_new_tokens=3),
+        "int32 ids": dict(input_ids=toks(model, 2, 5, 125, d).int(), max_new_tokens=3),
+        "int32 ids + mask + repetition penalty": dict(
+            input_ids=padded.int(), attention_mask=(padded != 0).int(), max_new_tokens=3, repetition_penalty=1.5),
+        "batch 70 > largest bucket 64": dict(input_ids=toks(model, 70, 3, 126, d), max_new_tokens=1),
+        "token id >= vocab": dict(input_ids=torch.tensor([[5, 6, 1000]], device=d), max_new_tokens=2),
+        "negative token id": dict(input_ids=torch.tensor([[5, -6, 7]], device=d), max_new_tokens=2),
+        "float ids": dict(input_ids=torch.tensor([[5.0, 6.0, 7.0]], device=d), max_new_tokens=2),
+        "ids as a list": dict(input_ids=[[5, 6, 7]], max_new_tokens=2),
+        "mask shorter than ids": dict(input_ids=torch.tensor([[5, 6, 7]], device=d),
+                                      attention_mask=torch.ones(1, 2, dtype=L, device=d), max_new_tokens=2),
+        "inputs_embeds only": dict(inputs_embeds=stock.model.embed_tokens(toks(model, 1, 4, 127, d)).detach(),
+                                   max_new_tokens=2),
+    }
+    failures = []
+    for name, kw in cases.items():
+        want = outcome(lambda: stock.generate(do_sample=False, pad_token_id=0, **kw))
+        got = outcome(lambda: model.generate(do_sample=False, pad_token_id=0, **kw))
+        if not same(want, got):
+            failures.append((name, want, got))
+    # decode steps beyond the largest bucket: shrink the buckets so the interpreter stays quick
+    monkeypatch.setattr(pm, "BATCH_BUCKETS", (1, 2))
+    ids = toks(model, 3, 4, 128, d)
+    if not torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3)):
+        failures.append(("batch 3 > largest bucket 2", None, None))
+    assert any(k[0] == 4 for k in model._braid_state.fast_loops) and model._braid_state.last_path == "fast"
+    assert not failures, failures
+    # after all of that the state still gives stock's tokens
+    ids = toks(model, 2, 5, 129, d)
+    assert torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3))
+    unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3))
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+def test_two_patched_models_interleaved(device):
+    a = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=13)
+    b = build_model("tiny-llama", dtype=torch.float32, device=device, seed=14)
+    pa, pb = toks(a, 2, 5, 131, device), toks(b, 1, 7, 132, device)
+    ca = toks(a, 2, 3, 133, device)
+    ref_a, ref_b = gen(a, pa, max_new_tokens=3), gen(b, pb, max_new_tokens=4)
+    ref_tf = teacher_forced_logits(a, pa, ca)
+    braid_backend.patch(a, graph_steps=2)
+    braid_backend.patch(b, graph_steps=2)
+    assert torch.equal(gen(a, pa, max_new_tokens=3), ref_a)
+    assert torch.equal(gen(b, pb, max_new_tokens=4), ref_b)
+    assert rel_err(teacher_forced_logits(a, pa, ca), ref_tf) < 2e-5
+    assert torch.equal(gen(b, pb, max_new_tokens=4), ref_b)
+    assert torch.equal(gen(a, pa, max_new_tokens=3), ref_a)
+    assert a._braid_state.cache is not b._braid_state.cache
+    unpatch_and_check(a, lambda: gen(a, pa, max_new_tokens=3), ref_a)
+    assert torch.equal(gen(b, pb, max_new_tokens=4), ref_b), "unpatching one model must not touch the other"
+    unpatch_and_check(b, lambda: gen(b, pb, max_new_tokens=4), ref_b)
+
+
+def test_threads_share_one_model(device):
+    """generate() is serialized by the state's lock; forward() decode steps lock too (shared buffers)."""
+    model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=15)
+    p1, p2 = toks(model, 1, 5, 151, device), toks(model, 3, 7, 152, device)
+    p3, c3 = toks(model, 2, 4, 153, device), toks(model, 2, 3, 154, device)
+    ref1, ref2 = gen(model, p1, max_new_tokens=4), gen(model, p2, max_new_tokens=3)
+    ref3 = teacher_forced_logits(model, p3, c3)
+    braid_backend.patch(model, graph_steps=2)
+    jobs = {"gen1": lambda: gen(model, p1, max_new_tokens=4), "gen2": lambda: gen(model, p2, max_new_tokens=3),
+            "forward": lambda: teacher_forced_logits(model, p3, c3)}
+    results, errors = {}, []
+    start = threading.Barrier(len(jobs))
+
+    def run(name):
+        try:
+            start.wait()
+            results[name] = jobs[name]()
+        except Exception as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append((name, repr(e)))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert torch.equal(results["gen1"], ref1) and torch.equal(results["gen2"], ref2)
+    assert rel_err(results["forward"], ref3) < 2e-5
+    unpatch_and_check(model, lambda: gen(model, p2, max_new_tokens=3), ref2)
+
+
+# -- faults --------------------------------------------------------------------------------------------
+def _fake_graph_runner(monkeypatch, exc):
+    """GraphRunner without CUDA whose capture raises `exc` (what an OOM inside capture looks like)."""
+    from braid_backend.runtime.graphs import GraphRunner
+
+    calls = []
+
+    def init(self, st):
+        self.st, self.graphs, self.captures, self.capture_s = st, {}, 0, 0.0
+
+    def capture(self, *a, **k):
+        calls.append(a[:1])
+        torch.rand(4)   # the real capture's warm-up draws random numbers before failing
+        raise exc
+
+    monkeypatch.setattr(GraphRunner, "__init__", init)
+    monkeypatch.setattr(GraphRunner, "capture", capture)
+    return calls
+
+
+@cpu_only
+def test_graph_capture_failure_in_decode_step_falls_back(monkeypatch, caplog):
+    """HF-loop / forward path: the step whose capture fails runs eagerly, graphs stay off afterwards.
+    Simulated: graphs_active() is forced on for the CPU model and capture raises an OOM."""
+    from braid_backend.patches.model import PatchState
+
+    model = build_model("tiny-qwen3", dtype=torch.float32, seed=16)
+    prompt, cont = toks(model, 2, 5, 161, "cpu"), toks(model, 2, 3, 162, "cpu")
+    ref = teacher_forced_logits(model, prompt, cont)
+    braid_backend.patch(model, graphs=False)
+    eager = teacher_forced_logits(model, prompt, cont)
+    braid_backend.unpatch(model)
+    calls = _fake_graph_runner(monkeypatch, torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"))
+    monkeypatch.setattr(PatchState, "graphs_active",
+                        lambda self: bool(self.options.get("graphs")) and not self.eager_only)
+    braid_backend.patch(model)
+    st = model._braid_state
+    with caplog.at_level(logging.WARNING, logger="braid_backend"):
+        out = teacher_forced_logits(model, prompt, cont)
+    assert len(calls) == 1, "one failed capture, then no more attempts"
+    assert torch.equal(out, eager) and rel_err(out, ref) < 2e-5
+    assert st.options["graphs"] is False and st.graphs is None and st.stats["decode_graph"] == 0
+    assert any("graph capture failed" in e and "OutOfMemoryError" in e for e in st.report.events)
+    assert any("graph capture failed" in r.getMessage() for r in caplog.records)
+    unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont), ref)
+
+
+@cpu_only
+def test_graph_capture_failure_in_fast_loop_retries_eagerly(monkeypatch):
+    """Fast path: fastgen builds its K-step graph after the prefill; a capture failure there makes
+    generate() redo the call without graphs, with the RNG as it was (seeded sampling unchanged).
+    Simulated: the first fast_generate call attempts a capture (raising) where FastLoop would."""
+    import braid_backend.runtime.fastgen as fastgen
+
+    model = build_model("tiny-qwen2", dtype=torch.float32, seed=17)
+    ids = toks(model, 2, 5, 171, "cpu")
+    greedy_ref = gen(model, ids, max_new_tokens=4)
+    sample = dict(do_sample=True, temperature=0.9, top_k=20, max_new_tokens=4)
+    braid_backend.patch(model, graph_steps=2)
+    torch.manual_seed(5)
+    sample_ref = gen(model, ids, **sample)
+    braid_backend.unpatch(model)
+
+    calls = _fake_graph_runner(monkeypatch, RuntimeError("operation not permitted when stream is capturing"))
+    real = fastgen.fast_generate
+
+    def fast_generate(st, model_self, input_ids, **kw):
+        if not calls:
+            model_self(input_ids=input_ids, use_cache=True, **{st.cache_key: kw[st.cache_key]})   # the prefill
+            st.graph_runner().capture(1, kw[st.cache_key], "fast", None)
+        return real(st, model_self, input_ids, **kw)
+
+    monkeypatch.setattr(fastgen, "fast_generate", fast_generate)
+    braid_backend.patch(model, graph_steps=2)
+    st = model._braid_state
+    torch.manual_seed(5)
+    out = gen(model, ids, **sample)
+    assert len(calls) == 1 and st.options["graphs"] is False
+    assert any("graph capture failed" in e for e in st.report.events)
+    assert torch.equal(out, sample_ref), "the retry must draw what a clean call draws"
+    assert torch.equal(gen(model, ids, max_new_tokens=4), greedy_ref) and st.last_path == "fast"
+    unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=4), greedy_ref)
+
+
+def test_verify_passes_on_a_healthy_model(device):
+    model = build_model("tiny-llama", dtype=torch.float32, device=device, seed=18)
+    ids = toks(model, 2, 6, 181, device)
+    ref = gen(model, ids, max_new_tokens=3)
+    braid_backend.patch(model, verify=True, graph_steps=2)
+    st = model._braid_state
+    assert st.verify_result is None, "verification runs on first use, not in patch()"
+    assert torch.equal(gen(model, ids, max_new_tokens=3), ref)
+    res = st.verify_result
+    assert res["ok"] and res["max_err"] < 1e-5 and len(res["errs"]) == 4, res
+    assert st.last_path == "fast" and any("verify passed" in e for e in st.report.events)
+    unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=3), ref)
+
+
+def test_verify_failure_falls_back_to_stock(monkeypatch, caplog, device):
+    """A sabotaged kernel (every fused GEMV 10% off) is caught on first use; from then on stock runs."""
+    import braid_backend.patches.decode as dec
+
+    model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=19)
+    ids, cont = toks(model, 2, 6, 191, device), toks(model, 2, 3, 192, device)
+    ref, ref_tf = gen(model, ids, max_new_tokens=4), teacher_forced_logits(model, ids, cont)
+    real = dec.fused_gemv
+
+    def broken(*a, **k):
+        out = real(*a, **k)
+        return out.mul_(1.1)
+
+    monkeypatch.setattr(dec, "fused_gemv", broken)
+    braid_backend.patch(model, verify=True, graph_steps=2)
+    st = model._braid_state
+    with caplog.at_level(logging.WARNING, logger="braid_backend"):
+        out = gen(model, ids, max_new_tokens=4)
+    assert not st.verify_result["ok"] and st.verify_result["max_err"] > 1e-2, st.verify_result
+    assert st.options.get("disabled") and st.last_path.startswith("stock")
+    assert any("verify FAILED" in r.getMessage() for r in caplog.records)
+    assert torch.equal(out, ref) and torch.equal(teacher_forced_logits(model, ids, cont), ref_tf)
+    fused = st.stats["decode_fused"]
+    gen(model, ids, max_new_tokens=2)
+    assert st.stats["decode_fused"] == fused, "no fused step may run after a failed verification"
+    unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=4), ref)
+
+
+def test_cache_id_reuse_cannot_hit_stale_graphs():
+    """Graphs are keyed by id(cache): a dropped cache must take its graphs along, or a new cache at
+    the same address would replay graphs that read freed buffers."""
+    model = build_model("tiny-qwen2", dtype=torch.float32, seed=20)
+    braid_backend.patch(model)
+    st = model._braid_state
+
+    class Runner:   # stands in for the graph runner's key table
+        graphs = {}
+
+        def release(self):
+            self.graphs.clear()
+
+    st.graphs = Runner()
+    c = st.new_cache(1, 8)
+    cid = id(c)
+    st.graphs.graphs[(1, cid, 0, c.max_len, "hf-step")] = "graph"
+    st.fast_loops[(1, cid, 0, 8, "sel")] = "loop"
+    st.graphs.graphs[(1, cid + 1, 0, c.max_len, "hf-step")] = "other"
+    del c   # no cycles: freed (and forgotten) at once
+    assert list(st.graphs.graphs.values()) == ["other"] and not st.fast_loops
+    st.graphs = None
+    braid_backend.unpatch(model)
+
+
+# -- GPU (run on the GPU machine; skipped here) ---------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_long_run_flat_memory_no_recapture_repeatable():
+    """1,000 generate() calls, batch 1..8, prompt 8..64, 1..32 new tokens, greedy and sampling, some
+    left-padded: allocated memory flat after warm-up, no graph re-capture, seeded calls repeat."""
+    import gc
+    import json
+    import random
+    import time
+
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=21)
+    V = model.config.vocab_size
+    assert braid_backend.patch(model).ok
+    st = model._braid_state
+    rnd = random.Random(1234)
+    g = torch.Generator().manual_seed(4321)
+    greedy = dict(do_sample=False)
+    sampling = dict(do_sample=True, temperature=0.8, top_k=50)
+
+    def call(B, T, new, sel, pad=0, seed=None):
+        ids = torch.randint(3, V, (B, T), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, :pad] = 0
+            ids[0, :pad] = 0
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, pad_token_id=0, **sel)
+
+    def mem():
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    t0 = time.perf_counter()
+    call(8, 64, 32, greedy)   # the largest shape first: the shared cache never has to grow later
+    for B in (1, 2, 3, 5, 8):
+        for sel in (greedy, sampling):
+            call(B, rnd.randint(8, 64), 32, sel)
+    assert st.last_path == "fast", st.last_path
+    g_state = g.get_state()
+    first_greedy = call(4, 40, 24, greedy, pad=5)
+    first_sample = call(3, 20, 24, sampling, seed=99)
+    mem0, caps0, loops0, cache0 = mem(), st.graphs.captures, len(st.fast_loops), st.cache
+    warm_s = time.perf_counter() - t0
+    samples, t1 = [], time.perf_counter()
+    N = 1000
+    for i in range(N):
+        B = rnd.randint(1, 8)
+        call(B, rnd.randint(8, 64), rnd.randint(1, 32), sampling if i % 2 else greedy,
+             pad=rnd.randint(1, 6) if i % 3 == 0 else 0)
+        if i % 100 == 99:
+            samples.append(mem())
+    run_s = time.perf_counter() - t1
+    g.set_state(g_state)
+    again_greedy = call(4, 40, 24, greedy, pad=5)
+    again_sample = call(3, 20, 24, sampling, seed=99)
+    mem1 = mem()
+    figures = dict(calls=N, warmup_s=round(warm_s, 1), run_s=round(run_s, 1), mem_after_warmup=mem0,
+                   mem_end=mem1, drift_bytes=mem1 - mem0, mem_samples=samples,
+                   captures_after_warmup=caps0, captures_end=st.graphs.captures,
+                   fast_loops=(loops0, len(st.fast_loops)), stats=dict(st.stats))
+    print("braid long run:", json.dumps(figures))
+    if os.environ.get("BRAID_RELIABILITY_JSON"):
+        with open(os.environ["BRAID_RELIABILITY_JSON"], "w") as f:
+            json.dump(figures, f, indent=1)
+    assert st.graphs.captures == caps0 and len(st.fast_loops) == loops0 and st.cache is cache0, figures
+    assert st.stats["generate_stock"] == 0 and st.stats["generate_hf_loop"] == 0, figures
+    assert max(samples + [mem1]) - mem0 <= 1 << 20, figures   # <= 1 MiB: nothing accumulates per call
+    assert torch.equal(first_greedy, again_greedy) and torch.equal(first_sample, again_sample)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_failure_falls_back(monkeypatch):
+    """A real CUDA model whose graph capture raises OOM: fast path and HF-loop steps run eagerly, output
+    equal to the graphs=False run of the same kernels."""
+    from braid_backend.runtime.graphs import GraphRunner
+
+    model = build_model("tiny-qwen2", dtype=torch.float32, device="cuda", seed=22)
+    ids = toks(model, 3, 9, 221, "cuda")
+    kw = dict(max_new_tokens=12)
+    braid_backend.patch(model, graphs=False)
+    want_fast = gen(model, ids, **kw)
+    want_loop = gen(model, ids, output_scores=True, return_dict_in_generate=True, **kw).sequences
+    braid_backend.unpatch(model)
+
+    def oom(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(GraphRunner, "capture", oom)
+    braid_backend.patch(model)
+    st = model._braid_state
+    assert torch.equal(gen(model, ids, **kw), want_fast) and st.last_path == "fast"
+    assert st.options["graphs"] is False and any("graph capture failed" in e for e in st.report.events)
+    braid_backend.unpatch(model)
+    braid_backend.patch(model)   # the HF loop (output_scores) hits the failure in decode_step
+    st = model._braid_state
+    got = gen(model, ids, output_scores=True, return_dict_in_generate=True, **kw).sequences
+    assert torch.equal(got, want_loop) and st.last_path.startswith("hf-loop") and st.stats["decode_fused"] > 0
+    braid_backend.unpatch(model)
+
+
+@pytest.mark.gpu
+def test_gpu_wrong_device_ids_and_model_moved_after_patch():
+    model = build_model("tiny-llama", dtype=torch.float32, device="cuda", seed=23)
+    stock = copy.deepcopy(model)
+    ids = toks(model, 2, 6, 231, "cpu")
+    braid_backend.patch(model)
+    # ids on the CPU for a CUDA model: whatever stock does (HF warns, then the embedding raises)
+    want = outcome(lambda: gen(stock, ids, max_new_tokens=3))
+    got = outcome(lambda: gen(model, ids, max_new_tokens=3))
+    assert same(want, got), (want, got)
+    # moved to the CPU after patching on CUDA: the patched forward notices and runs stock
+    model.to("cpu")
+    stock.to("cpu")
+    assert torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3))
+    assert model._braid_state.options.get("disabled")
+    braid_backend.unpatch(model)
+    assert torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3))
