@@ -39,6 +39,48 @@ PRESETS: dict[str, tuple[str, dict]] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-5,
         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    # one real-sized config per family added for issue #6 (GPU bf16 checks; sizes from published configs)
+    "gemma-2b": ("GemmaConfig", dict(
+        vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+        num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)),
+    "gemma-2-2b": ("Gemma2Config", dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=8192, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)),
+    "gemma-3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, sliding_window=512, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)),
+    "phi-3-mini-4k": ("Phi3Config", dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=2047, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=32000, pad_token_id=32000)),
+    "granite-3.1-2b": ("GraniteConfig", dict(
+        vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, rms_norm_eps=1e-5,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+        logits_scaling=8.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+    "olmo-2-1b": ("Olmo2Config", dict(
+        vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=100257, eos_token_id=100257, pad_token_id=100277)),
+    "smollm3-3b": ("SmolLM3Config", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, rms_norm_eps=1e-6,
+        no_rope_layer_interval=4, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128012,
+        pad_token_id=128004)),
 }
 
 # Tiny configs of each family for CPU tests (Triton interpreter). Odd-ish sizes on purpose.
@@ -57,9 +99,41 @@ TINY: dict[str, tuple[str, dict]] = {
     "tiny-mistral": ("MistralConfig", dict(_TINY_COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
                                            sliding_window=None, tie_word_embeddings=False,
                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # issue #6 families. Small sliding windows (4) so that the 9-token prompts of the tests exercise them;
+    # soft-caps small enough to bend random-weight logits.
+    "tiny-gemma": ("GemmaConfig", dict(_TINY_COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                       hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "tiny-gemma2": ("Gemma2Config", dict(_TINY_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                         query_pre_attn_scalar=32, sliding_window=4,
+                                         layer_types=["sliding_attention", "full_attention"],
+                                         attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                                         tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "tiny-gemma3": ("Gemma3TextConfig", dict(
+        _TINY_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=2.0,
+        tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
+    "tiny-phi3": ("Phi3Config", dict(
+        _TINY_COMMON, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+        sliding_window=None, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "tiny-granite": ("GraniteConfig", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                           embedding_multiplier=12.0, residual_multiplier=0.22,
+                                           attention_multiplier=0.1, logits_scaling=8.0, tie_word_embeddings=True,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "tiny-olmo2": ("Olmo2Config", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                       tie_word_embeddings=False, pad_token_id=0,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "tiny-smollm3": ("SmolLM3Config", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                           no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 TINY["tiny"] = TINY["tiny-qwen2"]
 ALL_PRESETS = {**PRESETS, **TINY}
+EAGER_MODEL_TYPES = {"gemma2": "eager"}
 
 
 def make_config(name: str, **overrides):
@@ -69,7 +143,9 @@ def make_config(name: str, **overrides):
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(ALL_PRESETS))}")
     cls_name, kwargs = ALL_PRESETS[name]
     cfg = getattr(transformers, cls_name)(**{**kwargs, **overrides})
-    cfg._attn_implementation = "sdpa"
+    # sdpa cannot soft-cap attention logits (transformers 5.17 silently skips the cap, later versions
+    # refuse): Gemma-2 runs eager, as HF itself prefers for it
+    cfg._attn_implementation = EAGER_MODEL_TYPES.get(cfg.model_type, "sdpa")
     return cfg
 
 

@@ -1,13 +1,19 @@
 """The fused decode step: one token per sequence through every layer, ~6 kernels per layer.
 
-    x = embed(ids)                                   (residual stream, updated in place)
-    per layer:  qkv  = rmsnorm(x) @ Wqkv^T (+b)      fused_gemv (norm prologue)
-                q, cache[slot] = rope(qkv) (+q/k norm) rope_qkv_cache_write
-                a    = attention(q, cache)           decode_attention (split-KV + combine)
+    x = embed(ids) [* embed_scale]                   (residual stream, updated in place)
+    per layer:  qkv  = rmsnorm(x) @ Wqkv^T (+b)      fused_gemv (norm prologue; no norm for OLMo2)
+                [q, k = rmsnorm(q), rmsnorm(k)]      rmsnorm on the qkv slices (OLMo2's full q/k norm)
+                q, cache[slot] = rope(qkv) (+q/k norm) rope_qkv_cache_write (per-head norm: Qwen3, Gemma-3)
+                a    = attention(q, cache)           decode_attention (split-KV + combine; window, softcap)
                 x    = x + a @ Wo^T                  fused_gemv (residual epilogue, in place)
                 h    = act(g) * u, [g|u] = rmsnorm(x) @ Wgu^T   fused_gemv (norm + act epilogue)
                 x    = x + h @ Wd^T                  fused_gemv (residual epilogue, in place)
-    logits = rmsnorm(x) @ Wlm^T
+    logits = rmsnorm(x) @ Wlm^T [/ logits_scaling] [softcap]
+
+Sublayer outputs that need more than `x + y` (Gemma-2/3 and OLMo2 post-norms: x + norm(y); Granite:
+x + y * m) go through `_sublayer_out`: the GEMV writes y to a scratch buffer, the rmsnorm kernel
+normalises it in place, and the multiply / add are plain torch ops on preallocated buffers (the very
+ops HF runs, so the cast points match). A kernel with a normalise-then-add epilogue would save them.
 
 Every tensor it touches is preallocated (DecodeBuffers), so the step can be captured in a CUDA graph.
 """
@@ -19,6 +25,7 @@ import torch
 
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
 from ..kernels.fused_gemv import fused_gemv
+from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
 from .spec import ModelPlan, norm_eps
@@ -31,9 +38,26 @@ class FusedLayer:
     w_gu: torch.Tensor
     b_gu: torch.Tensor | None
     plan: object  # LayerPlan
-    eps1: float
-    eps2: float
+    eps_attn: float
+    eps_mlp: float
+    eps_attn_out: float
+    eps_mlp_out: float
     eps_qk: float
+
+
+def _eps(m) -> float:
+    return norm_eps(m) if m is not None else 0.0
+
+
+def _w(m):
+    return m.weight if m is not None else None
+
+
+def _packed(linears):
+    """The packed weight/bias of q|k|v or gate|up: already one module (Phi-3) or packed here."""
+    if len(linears) == 1:
+        return linears[0].weight, linears[0].bias
+    return fuse_linears(list(linears))
 
 
 class DecodeBuffers:
@@ -53,6 +77,18 @@ class DecodeBuffers:
         self.attn = torch.zeros(M, p.n_heads * p.head_dim, dtype=dt, device=dev)
         self.act = torch.zeros(M, p.intermediate, dtype=dt, device=dev)
         self.logits = torch.zeros(M, st.vocab, dtype=dt, device=dev)
+        # scratch for sublayer outputs that are not just added to x (post-norms, residual multiplier)
+        self.tmp = torch.zeros(M, p.hidden, dtype=dt, device=dev) if st.needs_tmp else None
+        if p.longrope is not None:
+            # per-step rope rows: row b holds cos/sin of token b; the kernel then reads row `rows[b]`
+            st.ensure_rope_table(max_len)
+            rd = st.tables[None][0].shape[1]
+            self.rows = torch.arange(M, dtype=torch.long, device=dev)
+            self.cos_rows = torch.zeros(M, rd, dtype=dt, device=dev)
+            self.sin_rows = torch.zeros(M, rd, dtype=dt, device=dev)
+            self.pos_max = torch.zeros((), dtype=torch.long, device=dev)
+            self.use_long = torch.zeros((), dtype=torch.long, device=dev)
+            self.table_idx = torch.zeros(M, dtype=torch.long, device=dev)
         self.num_splits = default_num_splits(M, p.n_kv_heads, max_len, st.num_sms)
         self.ws = attention_workspace(M, p.n_heads, p.head_dim, self.num_splits, dev)
 
@@ -68,12 +104,14 @@ class DecodeState:
                         if self.device.type == "cuda" else 8)
         self.layers = []
         for lp in plan.layers:
-            w_qkv, b_qkv = fuse_linears([lp.q, lp.k, lp.v])
-            w_gu, b_gu = fuse_linears([lp.gate, lp.up])
-            eps_qk = norm_eps(lp.q_norm) if lp.q_norm is not None else 0.0
-            self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, lp, norm_eps(lp.input_norm),
-                                          norm_eps(lp.post_attn_norm), eps_qk))
-        self.cos = self.sin = None
+            w_qkv, b_qkv = _packed(lp.qkv)
+            w_gu, b_gu = _packed(lp.gate_up)
+            self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, lp, _eps(lp.attn_norm), _eps(lp.mlp_norm),
+                                          _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm), _eps(lp.q_norm)))
+        self.needs_tmp = plan.residual_mult is not None or any(
+            lp.attn_out_norm is not None or lp.mlp_out_norm is not None for lp in plan.layers)
+        self.rope_keys = sorted({lp.rope_key for lp in plan.layers}, key=lambda k: (k is None, k or ""))
+        self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
         self.table_len = 0
         self.buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self.weights_ptr = self._weights_ptr()
@@ -88,22 +126,69 @@ class DecodeState:
                 or p.lm_head.weight.dtype != self.dtype)
 
     def release(self) -> None:
-        unfuse_linears([m for fl in self.layers for m in (fl.plan.q, fl.plan.k, fl.plan.v, fl.plan.gate, fl.plan.up)])
+        # only what fuse_linears packed goes back to separate tensors; pre-packed modules are untouched
+        unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
+                        for m in group])
         self.layers.clear()
         self.buffers.clear()
-        self.cos = self.sin = None
+        self.tables.clear()
+
+    # -- rope ----------------------------------------------------------------------------------------
+    def _rotary(self, key, length: int, start: int = 0):
+        pos = torch.arange(start, start + length, device=self.device)[None]
+        dummy = torch.empty(1, dtype=self.dtype, device=self.device)
+        args = {} if key is None else {"layer_type": key}
+        cos, sin = self.plan.rotary(dummy, position_ids=pos, **args)
+        return cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
 
     @torch.no_grad()
     def ensure_rope_table(self, length: int) -> None:
-        """cos/sin for positions [0, length) from the model's own rotary module (scaling included)."""
+        """cos/sin for positions [0, length) from the model's own rotary module (scaling included).
+
+        NoPE layers (key "") get cos = 1, sin = 0: the rope kernel's x*cos + rot(x)*sin is then x
+        exactly. Longrope stacks two tables, [short factors; long factors], each `length` rows; the
+        step picks one per step on the device (see _rope_inputs)."""
         if length <= self.table_len:
             return
         length = max(length, 2 * self.table_len)
-        pos = torch.arange(length, device=self.device)[None]
-        dummy = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.plan.rotary(dummy, position_ids=pos)
-        self.cos, self.sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
-        self.table_len = length
+        tables = {}
+        for key in self.rope_keys:
+            if key == "":
+                one = torch.ones(1, self.plan.head_dim, dtype=self.dtype, device=self.device)
+                tables[key] = (one.expand(length, -1), torch.zeros_like(one).expand(length, -1))
+            elif self.plan.longrope is not None:
+                orig = self.plan.longrope
+                # stock picks short factors iff max(position_ids) + 1 <= orig for the whole forward:
+                # short rows only ever serve positions < orig; long rows are computed with a position
+                # range that reaches past orig so the module itself picks the long factors.
+                cs, ss = self._rotary(key, min(length, orig))
+                cl, sl = self._rotary(key, max(length, orig + 1))
+                pad = length - cs.shape[0]
+                cs, ss = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (cs, ss))
+                tables[key] = (torch.cat([cs, cl[:length]]), torch.cat([ss, sl[:length]]))
+            else:
+                tables[key] = self._rotary(key, length)
+        self.tables, self.table_len = tables, length
+
+    def _rope_inputs(self, b: DecodeBuffers) -> dict:
+        """rope key -> (cos, sin, per-row table index) for this step."""
+        if self.plan.longrope is None:
+            return {k: (*self.tables[k], b.pos) for k in self.rope_keys}
+        # longrope: like stock, long factors for every row iff max(position) + 1 > orig. Gather each
+        # row's cos/sin into (M, rope_dim) buffers, so the kernel reads row b for token b.
+        torch.amax(b.pos, 0, out=b.pos_max)
+        torch.ge(b.pos_max, self.plan.longrope, out=b.use_long)
+        torch.add(b.pos, b.use_long, alpha=self.table_len, out=b.table_idx)
+        out = {}
+        for k in self.rope_keys:
+            cos, sin = self.tables[k]
+            if k == "":
+                out[k] = (cos, sin, b.pos)
+                continue
+            torch.index_select(cos, 0, b.table_idx, out=b.cos_rows)
+            torch.index_select(sin, 0, b.table_idx, out=b.sin_rows)
+            out[k] = (b.cos_rows, b.sin_rows, b.rows)
+        return out
 
     def buffers_for(self, M: int, max_len: int) -> DecodeBuffers:
         key = (M, max_len)
@@ -111,26 +196,58 @@ class DecodeState:
             self.buffers[key] = DecodeBuffers(self, M, max_len)
         return self.buffers[key]
 
+    # -- the step ------------------------------------------------------------------------------------
+    def _sublayer_out(self, b: DecodeBuffers, h, lin, post_norm, eps: float) -> None:
+        """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points."""
+        p = self.plan
+        if post_norm is None and p.residual_mult is None:
+            fused_gemv(h, lin.weight, bias=lin.bias, residual=b.x, out=b.x)
+            return
+        fused_gemv(h, lin.weight, bias=lin.bias, out=b.tmp)
+        if post_norm is not None:   # HF: residual + post_norm(y)
+            rmsnorm(b.tmp, post_norm.weight, eps=eps, norm_mode=p.spec.norm_mode,
+                    norm_offset=p.spec.norm_offset, out=b.tmp)
+        if p.residual_mult is not None:   # HF: residual + y * m (two roundings, as here)
+            b.tmp.mul_(p.residual_mult)
+        b.x.add_(b.tmp)
+
     def forward(self, cache, b: DecodeBuffers) -> torch.Tensor:
         """One decode step for all b.M rows; reads b.ids/pos/slots/kv_lens, returns b.logits."""
         p = self.plan
+        nm, no = p.spec.norm_mode, p.spec.norm_offset
+        dq, dk = p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim
         torch.index_select(p.embed.weight, 0, b.ids, out=b.x)
+        if p.embed_scale is not None:
+            b.x.mul_(p.embed_scale)   # HF: embeds * scale (a dtype-rounded tensor or a python float)
+        ropes = self._rope_inputs(b)
+        full_qk = p.spec.qk_norm == "full"
         for i, fl in enumerate(self.layers):
             lp = fl.plan
-            fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=lp.input_norm.weight, eps=fl.eps1,
-                       norm_mode=p.spec.norm_mode, norm_offset=p.spec.norm_offset, out=b.qkv)
+            fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
+                       norm_mode=nm, norm_offset=no, out=b.qkv)
+            if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
+                rmsnorm(b.qkv[:, :dq], lp.q_norm.weight, eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
+                        out=b.qkv[:, :dq])
+                rmsnorm(b.qkv[:, dq:dq + dk], lp.k_norm.weight, eps=norm_eps(lp.k_norm), norm_mode=nm,
+                        norm_offset=no, out=b.qkv[:, dq:dq + dk])
+            cos, sin, rows = ropes[lp.rope_key]
             rope_qkv_cache_write(
-                b.qkv, self.cos, self.sin, b.pos, b.slots, cache.k[i], cache.v[i], b.q,
+                b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
                 n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, head_dim=p.head_dim,
-                q_norm_weight=lp.q_norm.weight if lp.q_norm is not None else None,
-                k_norm_weight=lp.k_norm.weight if lp.k_norm is not None else None,
-                eps=fl.eps_qk, norm_mode=p.spec.norm_mode, norm_offset=p.spec.norm_offset)
+                q_norm_weight=lp.q_norm.weight if lp.q_norm is not None and not full_qk else None,
+                k_norm_weight=lp.k_norm.weight if lp.k_norm is not None and not full_qk else None,
+                eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=cos.shape[1])
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
-                             out=b.attn, window=lp.window, num_splits=b.num_splits, workspace=b.ws)
-            fused_gemv(b.attn, lp.o.weight, bias=lp.o.bias, residual=b.x, out=b.x)
-            fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=lp.post_attn_norm.weight, eps=fl.eps2,
-                       norm_mode=p.spec.norm_mode, norm_offset=p.spec.norm_offset, act=p.act, out=b.act)
-            fused_gemv(b.act, lp.down.weight, bias=lp.down.bias, residual=b.x, out=b.x)
+                             out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
+                             workspace=b.ws)
+            self._sublayer_out(b, b.attn, lp.o, lp.attn_out_norm, fl.eps_attn_out)
+            fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
+                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act)
+            self._sublayer_out(b, b.act, lp.down, lp.mlp_out_norm, fl.eps_mlp_out)
         fused_gemv(b.x, p.lm_head.weight, norm_weight=p.final_norm.weight, eps=p.eps,
-                   norm_mode=p.spec.norm_mode, norm_offset=p.spec.norm_offset, out=b.logits)
+                   norm_mode=nm, norm_offset=no, out=b.logits)
+        if p.logits_div is not None:      # Granite: logits / logits_scaling, in the model dtype like HF
+            b.logits.div_(p.logits_div)
+        if p.final_softcap is not None:   # Gemma-2/3: tanh(logits / cap) * cap, each op in the dtype like HF
+            b.logits.div_(p.final_softcap).tanh_().mul_(p.final_softcap)
         return b.logits

@@ -1,8 +1,9 @@
 """Per-family spec rows and the generic checks that decide whether a model can be patched.
 
 Adding a family means adding a FamilySpec row (and a tiny config test), not copying code: the
-decode step in `decode.py` is generic and reads everything model-specific from the LayerPlan built
-here from the config and the module tree.
+decode step in `decode.py` is generic and reads everything model-specific from the LayerPlan /
+ModelPlan built here from the config and the module tree. Every spec field below names a module or
+switches one generic hook of the decode step; `plan_model` turns it into concrete modules/numbers.
 """
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from torch import nn
 
 # rope types whose cos/sin depend on the position only, so one precomputed table is exact
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+# longrope picks short or long factors from max(position_ids) of each forward: exact with two tables
+# and a per-step on-device choice (decode.py), see ModelPlan.longrope
+SWITCHED_ROPE_TYPES = {"longrope"}
+# ...but HF's Phi-3 generate() also drops the KV cache and re-prefills the whole sequence (so every key
+# gets the long factors) the first time it grows past original_max_position_embeddings. braid's fast
+# generate loop (runtime/fastgen.py) keeps its cache, so a longrope model that can cross that length is
+# refused until that loop re-prefills at the crossing too; then set this True.
+LONGROPE_CROSSING_OK = False
 ACTS = {"silu": "silu_mul", "swish": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
 
 
@@ -20,24 +29,76 @@ ACTS = {"silu": "silu_mul", "swish": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh
 class FamilySpec:
     family: str
     model_types: tuple[str, ...]
-    qk_norm: bool = False          # per-head RMSNorm of q and k before RoPE (Qwen3)
-    norm_mode: int = 0             # 0: w * x.to(dtype) (Llama); 1: (x * (offset + w)).to(dtype) (Gemma)
-    norm_offset: float = 0.0
+    # --- module names (attributes of model.layers[i] / of its attention and MLP modules) ---
     attn: str = "self_attn"
     mlp: str = "mlp"
-    input_norm: str = "input_layernorm"
-    post_attn_norm: str = "post_attention_layernorm"
+    # ("q_proj", "k_proj", "v_proj", "o_proj"), or ("qkv_proj", "o_proj") when the checkpoint
+    # already packs q|k|v (Phi-3): packed weights are used as they are, nothing is re-packed.
     proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # ("gate_proj", "up_proj", "down_proj"), or ("gate_up_proj", "down_proj") when packed [gate; up]
     mlp_proj: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # --- norms: None = the layer has no such norm ---
+    attn_norm: str | None = "input_layernorm"            # before attention (None: OLMo2)
+    mlp_norm: str | None = "post_attention_layernorm"    # before the MLP (Llama naming)
+    attn_out_norm: str | None = None   # on the attention output, before the residual add (Gemma-2/3, OLMo2)
+    mlp_out_norm: str | None = None    # on the MLP output, before the residual add
+    norm_mode: int = 0             # 0: w * x.to(dtype) (Llama); 1: (x * (offset + w)).to(dtype) (Gemma, OLMo2)
+    norm_offset: float = 0.0
+    # "head": per-head q_norm/k_norm before RoPE (Qwen3, Gemma-3); "full": one RMSNorm over the whole
+    # q (and k) projection (OLMo2)
+    qk_norm: str | None = None
+    act_attr: str = "hidden_act"   # config attribute naming the MLP activation
+    # --- scalars ---
+    embed_scale: bool = False      # Gemma: embeds * embed_tokens.embed_scale.to(dtype) (sqrt(hidden) rounded)
+    multipliers: bool = False      # Granite: embedding/residual multipliers, logits / logits_scaling
+    attn_softcap: bool = False     # Gemma-2: attention passes attn_logit_softcapping to the kernel
+    final_softcap: bool = False    # Gemma-2/3: logits = tanh(logits / cap) * cap (config.final_logit_softcapping)
+    # --- rope ---
+    rope_per_layer_type: bool = False  # Gemma-3: rotary(x, pos, layer_type), one table per layer type
+    nope_layers: bool = False      # SmolLM3: config.no_rope_layers[i] == 0 -> that layer has no RoPE
     notes: str = ""
 
 
 REGISTRY: list[FamilySpec] = [
     FamilySpec("llama", ("llama",), notes="Llama 2/3 incl. llama3 rope scaling"),
     FamilySpec("qwen2", ("qwen2",), notes="Qwen2/2.5: qkv bias"),
-    FamilySpec("qwen3", ("qwen3",), qk_norm=True, notes="q_norm/k_norm, head_dim != hidden/heads"),
+    FamilySpec("qwen3", ("qwen3",), qk_norm="head", notes="q_norm/k_norm, head_dim != hidden/heads"),
     FamilySpec("mistral", ("mistral",), notes="sliding window handled in the decode kernel"),
+    FamilySpec("gemma", ("gemma",), norm_mode=1, norm_offset=1.0, embed_scale=True,
+               notes="(1 + w) RMSNorm, GeGLU (tanh GELU), embeddings * sqrt(hidden) rounded to the dtype"),
+    FamilySpec("gemma2", ("gemma2",), norm_mode=1, norm_offset=1.0, embed_scale=True,
+               mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+               mlp_out_norm="post_feedforward_layernorm", act_attr="hidden_activation",
+               attn_softcap=True, final_softcap=True,
+               notes="sandwich norms, attention + final logit soft-capping, sliding-window layers "
+                     "(window in the decode kernel); attention softcap only with eager attention, like stock"),
+    FamilySpec("gemma3", ("gemma3_text",), norm_mode=1, norm_offset=1.0, embed_scale=True, qk_norm="head",
+               mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+               mlp_out_norm="post_feedforward_layernorm", act_attr="hidden_activation",
+               final_softcap=True, rope_per_layer_type=True,
+               notes="text-only Gemma3ForCausalLM: as Gemma-2 plus (1 + w) q/k norm, local/global rope "
+                     "tables per layer type; stock ignores attn_logit_softcapping, so do we"),
+    FamilySpec("phi3", ("phi3",), proj=("qkv_proj", "o_proj"), mlp_proj=("gate_up_proj", "down_proj"),
+               notes="packed qkv_proj / gate_up_proj used as is; partial rotary; longrope only while it "
+                     "cannot pass original_max_position_embeddings (see LONGROPE_CROSSING_OK)"),
+    FamilySpec("granite", ("granite",), multipliers=True,
+               notes="embedding/residual multipliers and logits_scaling in torch on the step's buffers; "
+                     "attention_multiplier is the attention scale"),
+    FamilySpec("olmo2", ("olmo2",), attn_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
+               mlp_out_norm="post_feedforward_layernorm", norm_mode=1, qk_norm="full",
+               notes="post-norms only; q/k RMSNorm over the whole projection (rmsnorm kernel on the qkv slices)"),
+    FamilySpec("smollm3", ("smollm3",), nope_layers=True,
+               notes="NoPE layers (no_rope_layers[i] == 0) use an identity rope table (cos 1, sin 0: exact)"),
 ]
+
+# Model types that look close to a registry family but are refused as a whole, with the reason.
+REFUSED: dict[str, str] = {
+    "gemma3": "multimodal Gemma3ForConditionalGeneration (vision tower + language_model): only the text-only "
+              "Gemma3ForCausalLM (model_type gemma3_text) is fused",
+    "olmo": "OLMo-1 uses a non-parametric LayerNorm (mean-centred, no weight), not RMSNorm: no fused norm for it",
+    "phi": "Phi-1/1.5/2: LayerNorm with bias, parallel attention+MLP block and an ungated GELU MLP are not fused",
+    "granitemoe": "mixture-of-experts MLP (router + experts) has no fused decode kernel",
+}
 
 
 def find_spec(model_type: str) -> FamilySpec | None:
@@ -56,19 +117,24 @@ class LayerPlan:
     index: int
     attn: nn.Module
     mlp: nn.Module
-    input_norm: nn.Module
-    post_attn_norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    attn_norm: nn.Module | None
+    mlp_norm: nn.Module | None
+    attn_out_norm: nn.Module | None
+    mlp_out_norm: nn.Module | None
+    qkv: tuple[nn.Linear, ...]        # (q, k, v), or (qkv,) already packed
     o: nn.Linear
-    gate: nn.Linear
-    up: nn.Linear
+    gate_up: tuple[nn.Linear, ...]    # (gate, up), or (gate_up,) already packed
     down: nn.Linear
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     scale: float
     window: int
+    softcap: float = 0.0
+    rope_key: str | None = None       # key of the rope table (None: the model's single table, "": no rope)
+
+    @property
+    def q(self) -> nn.Linear:         # the report reads q.bias; for packed weights that is qkv's bias
+        return self.qkv[0]
 
 
 @dataclass
@@ -89,6 +155,11 @@ class ModelPlan:
     eps: float
     act: str
     rope_type: str
+    embed_scale: torch.Tensor | float | None = None   # multiply the embeddings by this (same op as HF)
+    residual_mult: float | None = None                # x = x + rnd(sublayer_out * m)    (Granite)
+    logits_div: float | None = None                   # logits = logits / d              (Granite)
+    final_softcap: float | None = None                # logits = tanh(logits / c) * c    (Gemma-2/3)
+    longrope: int | None = None                       # original_max_position_embeddings of a longrope table
     warnings: list[str] = field(default_factory=list)
 
 
@@ -108,6 +179,17 @@ def _linear(parent: nn.Module, name: str, where: str) -> nn.Linear:
     return m
 
 
+def _norm(layer: nn.Module, name: str | None, size: int, where: str) -> nn.Module | None:
+    if name is None:
+        return None
+    m = getattr(layer, name, None)
+    w = getattr(m, "weight", None)
+    if m is None or w is None or w.shape != (size,):
+        raise Unsupported(f"{where}.{name}: expected an RMSNorm with a weight of size {size}")
+    norm_eps(m)
+    return m
+
+
 def _layer_window(config, i: int) -> int:
     layer_types = getattr(config, "layer_types", None)
     sw = getattr(config, "sliding_window", None)
@@ -118,17 +200,67 @@ def _layer_window(config, i: int) -> int:
     return int(sw or 0)
 
 
-def plan_model(model: nn.Module) -> ModelPlan:
-    """Check every assumption the fused decode step makes; raise Unsupported with the first miss."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise Unsupported("not a Hugging Face PreTrainedModel (no config)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise Unsupported(f"{config.model_type}: encoder-decoder models are not supported")
-    spec = find_spec(getattr(config, "model_type", ""))
-    if spec is None:
-        raise Unsupported(f"model type {config.model_type!r} has no braid family spec "
-                          f"(supported: {', '.join(t for s in REGISTRY for t in s.model_types)})")
+def _rope_types(config, spec: FamilySpec) -> dict[str | None, dict]:
+    """rope parameters per table key (None: one table; else a layer type)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if spec.rope_per_layer_type:
+        return {t: dict(rope.get(t) or {}) for t in sorted(set(config.layer_types))}
+    return {None: rope}
+
+
+def _check_rope(config, spec: FamilySpec) -> tuple[str, int | None]:
+    """The rope type, and original_max_position_embeddings when it is longrope (two tables)."""
+    longrope, types = None, []
+    for key, rope in _rope_types(config, spec).items():
+        rt = rope.get("rope_type", rope.get("type", "default"))
+        types.append(rt)
+        if rt in SWITCHED_ROPE_TYPES and key is None:
+            orig = rope.get("original_max_position_embeddings",
+                            getattr(config, "original_max_position_embeddings", None))
+            if orig is None:
+                raise Unsupported("longrope without original_max_position_embeddings")
+            longrope = int(orig)
+            if config.max_position_embeddings > longrope and not LONGROPE_CROSSING_OK:
+                raise Unsupported(
+                    f"longrope with max_position_embeddings {config.max_position_embeddings} > "
+                    f"original_max_position_embeddings {longrope}: stock generate() drops the KV cache and "
+                    "re-prefills the whole sequence with the long factors when it first exceeds the original "
+                    "length; braid's decode loop keeps its cache, so longer generations would differ "
+                    "(the fused step itself switches factors exactly like stock's forward)")
+        elif rt not in STATIC_ROPE_TYPES:
+            raise Unsupported(f"rope type {rt!r} depends on the sequence length (supported: "
+                              f"{sorted(STATIC_ROPE_TYPES | SWITCHED_ROPE_TYPES)})")
+    return "/".join(sorted(set(types))), longrope
+
+
+def _check_family_config(config, spec: FamilySpec) -> None:
+    """Config switches that change the math of a family beyond what its spec row describes."""
+    if getattr(config, "use_bidirectional_attention", False):
+        raise Unsupported("use_bidirectional_attention=True (non-causal attention) is not fused")
+    if spec.multipliers:
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if getattr(config, name, None) is None:
+                raise Unsupported(f"config.{name} is missing")
+
+
+def _model_scalars(model, config, spec: FamilySpec, embed: nn.Module) -> dict:
+    out = {}
+    if spec.embed_scale:
+        scale = getattr(embed, "embed_scale", None)
+        if not isinstance(scale, torch.Tensor):
+            raise Unsupported(f"{type(embed).__name__} has no embed_scale buffer")
+        # HF: embeds * embed_scale.to(weight.dtype): the normaliser is rounded to the dtype first
+        out["embed_scale"] = scale.to(embed.weight.dtype)
+    if spec.multipliers:
+        out["embed_scale"] = float(config.embedding_multiplier)
+        out["residual_mult"] = float(config.residual_multiplier)
+        out["logits_div"] = None if float(config.logits_scaling) == 1.0 else float(config.logits_scaling)
+    if spec.final_softcap and getattr(config, "final_logit_softcapping", None):
+        out["final_softcap"] = float(config.final_logit_softcapping)
+    return out
+
+
+def _check_model(model, config) -> None:
     if model.training:
         raise Unsupported("model is in training mode (call model.eval() first)")
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
@@ -143,6 +275,54 @@ def plan_model(model: nn.Module) -> ModelPlan:
         raise Unsupported(f"parameters live on several devices: {sorted(map(str, devices))}")
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
         raise Unsupported(f"parameter dtypes {sorted(map(str, dtypes))}: need one of fp32/bf16/fp16")
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+        raise Unsupported(f"attention implementation {config._attn_implementation!r}: prefill through it "
+                          "with the braid cache is untested (use sdpa or eager)")
+
+
+def _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim):
+    qkv = tuple(_linear(attn, n, f"{where}.{spec.attn}") for n in spec.proj[:-1])
+    o = _linear(attn, spec.proj[-1], f"{where}.{spec.attn}")
+    gate_up = tuple(_linear(mlp, n, f"{where}.{spec.mlp}") for n in spec.mlp_proj[:-1])
+    down = _linear(mlp, spec.mlp_proj[-1], f"{where}.{spec.mlp}")
+    sizes = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+    if [m.out_features for m in qkv] != ([sum(sizes)] if len(qkv) == 1 else sizes):
+        raise Unsupported(f"{where}: projection sizes do not match heads x head_dim")
+    if len({m.bias is None for m in qkv}) > 1:
+        raise Unsupported(f"{where}: q/k/v disagree on bias")
+    if len({m.bias is None for m in gate_up}) > 1:
+        raise Unsupported(f"{where}: gate/up disagree on bias")
+    if len(gate_up) == 1 and gate_up[0].out_features % 2:
+        raise Unsupported(f"{where}: packed gate_up has an odd number of rows")
+    return qkv, o, gate_up, down
+
+
+def _qk_norms(spec, attn, where, n_heads, n_kv, head_dim):
+    if spec.qk_norm is None:
+        return None, None
+    qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    want = (head_dim, head_dim) if spec.qk_norm == "head" else (n_heads * head_dim, n_kv * head_dim)
+    if qn is None or kn is None or (qn.weight.shape[-1], kn.weight.shape[-1]) != want:
+        raise Unsupported(f"{where}: expected {spec.qk_norm} q_norm/k_norm of sizes {want}")
+    return qn, kn
+
+
+def plan_model(model: nn.Module) -> ModelPlan:
+    """Check every assumption the fused decode step makes; raise Unsupported with the first miss."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise Unsupported("not a Hugging Face PreTrainedModel (no config)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise Unsupported(f"{config.model_type}: encoder-decoder models are not supported")
+    mtype = getattr(config, "model_type", "")
+    if mtype in REFUSED:
+        raise Unsupported(f"model type {mtype!r}: {REFUSED[mtype]}")
+    spec = find_spec(mtype)
+    if spec is None:
+        raise Unsupported(f"model type {config.model_type!r} has no braid family spec "
+                          f"(supported: {', '.join(t for s in REGISTRY for t in s.model_types)})")
+    _check_model(model, config)
+    _check_family_config(config, spec)
 
     backbone = getattr(model, "model", None)
     lm_head = getattr(model, "lm_head", None)
@@ -150,42 +330,44 @@ def plan_model(model: nn.Module) -> ModelPlan:
         raise Unsupported("expected <CausalLM>.model.layers and .lm_head")
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         raise Unsupported("lm_head is not a bias-free nn.Linear")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise Unsupported(f"rope type {rope_type!r} depends on the sequence length (supported: {sorted(STATIC_ROPE_TYPES)})")
-    act = ACTS.get(getattr(config, "hidden_act", None))
+    rope_type, longrope = _check_rope(config, spec)
+    act_name = getattr(config, spec.act_attr, None)
+    act = ACTS.get(act_name)
     if act is None:
-        raise Unsupported(f"activation {getattr(config, 'hidden_act', None)!r} is not fused")
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
-        raise Unsupported(f"attention implementation {config._attn_implementation!r}: prefill through it "
-                          "with the braid cache is untested (use sdpa or eager)")
+        raise Unsupported(f"activation {act_name!r} is not fused")
 
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    hidden = config.hidden_size
+    attn_impl = getattr(config, "_attn_implementation", "sdpa")
+    warnings: list[str] = []
     layers = []
     for i, layer in enumerate(backbone.layers):
         where = f"model.layers.{i}"
         attn, mlp = getattr(layer, spec.attn, None), getattr(layer, spec.mlp, None)
         if attn is None or mlp is None:
             raise Unsupported(f"{where} lacks {spec.attn}/{spec.mlp}")
-        q, k, v, o = (_linear(attn, n, f"{where}.{spec.attn}") for n in spec.proj)
-        gate, up, down = (_linear(mlp, n, f"{where}.{spec.mlp}") for n in spec.mlp_proj)
-        if q.out_features != n_heads * head_dim or k.out_features != n_kv * head_dim:
-            raise Unsupported(f"{where}: projection sizes do not match heads x head_dim")
-        if (q.bias is None) != (k.bias is None) or (k.bias is None) != (v.bias is None):
-            raise Unsupported(f"{where}: q/k/v disagree on bias")
-        if (gate.bias is None) != (up.bias is None):
-            raise Unsupported(f"{where}: gate/up disagree on bias")
-        qn = getattr(attn, "q_norm", None) if spec.qk_norm else None
-        kn = getattr(attn, "k_norm", None) if spec.qk_norm else None
-        if spec.qk_norm and (qn is None or kn is None or qn.weight.shape[-1] != head_dim):
-            raise Unsupported(f"{where}: expected per-head q_norm/k_norm of size {head_dim}")
-        ln1, ln2 = getattr(layer, spec.input_norm, None), getattr(layer, spec.post_attn_norm, None)
-        if ln1 is None or ln2 is None:
-            raise Unsupported(f"{where}: missing {spec.input_norm}/{spec.post_attn_norm}")
-        layers.append(LayerPlan(i, attn, mlp, ln1, ln2, q, k, v, o, gate, up, down, qn, kn,
-                                float(getattr(attn, "scaling", head_dim ** -0.5)), _layer_window(config, i)))
-    return ModelPlan(spec, model, backbone, layers, backbone.embed_tokens, backbone.norm, lm_head,
-                     backbone.rotary_emb, n_heads, n_kv, head_dim, config.hidden_size,
-                     config.intermediate_size, norm_eps(backbone.norm), act, rope_type)
+        qkv, o, gate_up, down = _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim)
+        qn, kn = _qk_norms(spec, attn, where, n_heads, n_kv, head_dim)
+        norms = [_norm(layer, n, hidden, where)
+                 for n in (spec.attn_norm, spec.mlp_norm, spec.attn_out_norm, spec.mlp_out_norm)]
+        softcap = float(getattr(attn, "attn_logit_softcapping", None) or 0.0) if spec.attn_softcap else 0.0
+        if softcap and attn_impl != "eager":
+            # stock sdpa ignores it (transformers 5.17) or raises (newer): mirror the stock model
+            if i == 0:
+                warnings.append(f"attn_logit_softcapping={softcap} is not applied by {attn_impl} attention "
+                                "in the stock model, so the fused step does not apply it either")
+            softcap = 0.0
+        rope_key = None
+        if spec.rope_per_layer_type:
+            rope_key = config.layer_types[i]
+        if spec.nope_layers and not config.no_rope_layers[i]:
+            rope_key = ""
+        layers.append(LayerPlan(i, attn, mlp, *norms, qkv, o, gate_up, down, qn, kn,
+                                float(getattr(attn, "scaling", head_dim ** -0.5)), _layer_window(config, i),
+                                softcap, rope_key))
+    intermediate = (gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features)
+    return ModelPlan(spec, model, backbone, layers, backbone.embed_tokens, _norm(backbone, "norm", hidden, "model"),
+                     lm_head, backbone.rotary_emb, n_heads, n_kv, head_dim, hidden, intermediate,
+                     norm_eps(backbone.norm), act, rope_type, longrope=longrope, warnings=warnings,
+                     **_model_scalars(model, config, spec, backbone.embed_tokens))
