@@ -31,7 +31,7 @@ for s in $STAGES; do
   tests)
     stage tests
     BRAID_GPU_JSON=$WORK/gpu_errors.json timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rA \
-      ${TESTS:-tests/test_gpu.py} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
+      ${TESTS:-tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_gpu.py tests/test_reliability.py tests/test_families.py} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/tests.log" | tail -n 20 ;;
   kernels)
     stage kernels
