@@ -8,7 +8,8 @@ set -u
 OUT=${OUT:-$PWD/gpu-out}
 WORK=$(mktemp -d /tmp/braid-gpu.XXXX)
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD:${PYTHONPATH:-} BRAID_GPU_TESTS=1 PYTHONUNBUFFERED=1
+# TRITON_INTERPRET=0 wins over the test files' setdefault("TRITON_INTERPRET", "1") for CPU runs
+export PYTHONPATH=$PWD:${PYTHONPATH:-} BRAID_GPU_TESTS=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 STAGES=${STAGES:-"env tests kernels breakdown bench"}
 # model:batches[:variants] entries
 BENCH_MODELS=${BENCH_MODELS:-"qwen2.5-0.5b:1,16 qwen3-0.6b:1 llama-3.2-1b:1"}
@@ -30,8 +31,12 @@ for s in $STAGES; do
       date -u +%FT%TZ; } 2>&1 | tee "$WORK/env.txt" ;;
   tests)
     stage tests
+    # kernel tests on CUDA tensors, then every test marked gpu (CPU-only tests are deselected)
+    timeout 200 python3 -m pytest -q -rA tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py \
+      -p no:cacheprovider > "$WORK/kernel-tests.log" 2>&1
+    tail -n 1 "$WORK/kernel-tests.log"
     BRAID_GPU_JSON=$WORK/gpu_errors.json timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rA \
-      ${TESTS:-tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_gpu.py tests/test_reliability.py tests/test_families.py} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
+      ${TESTS:-tests -m gpu} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/tests.log" | tail -n 20 ;;
   kernels)
     stage kernels
