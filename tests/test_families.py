@@ -50,6 +50,19 @@ def test_fp32_logits_every_step_and_greedy_match_stock(family, device):
     assert torch.equal(gen, gen_ref)
 
 
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_bf16_error_within_2x_of_stock(family, device):
+    """bf16 cast points: braid's error against an fp32 copy of the model at most ~2x the stock model's."""
+    model = build_model(NEW_FAMILIES[family], dtype=torch.bfloat16, device=device, seed=3)
+    V = model.config.vocab_size
+    prompt, cont = random_tokens(V, 2, 12, 31, device), random_tokens(V, 2, 4, 32, device)
+    ref = fp32_reference_logits(model, prompt, cont)
+    stock = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+    assert braid_backend.patch(model).ok
+    err = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+    assert err <= 2 * stock + 1e-3, (err, stock)
+
+
 # longrope whose original length (12) the tests' decode steps cross; rope dims 8 of 16 (partial rotary)
 LONGROPE = dict(original_max_position_embeddings=12, rope_parameters={
     "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 12,
