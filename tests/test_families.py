@@ -166,6 +166,7 @@ def test_every_registry_family_has_an_end_to_end_test_and_every_refusal_a_test()
     covered = {**_patch_model_families(), **NEW_FAMILIES}
     assert set(covered) == {s.family for s in REGISTRY}, "registry families without an end-to-end test"
     assert set(_refusal_models()) == set(REFUSED), "refused model types without a refusal test"
+    assert set(GPU_PRESETS) == set(NEW_FAMILIES), "new families without a real-sized GPU check"
 
 
 def test_support_table_is_generated_from_the_registry():
@@ -184,15 +185,34 @@ GPU_PRESETS = {"gemma": "gemma-2b", "gemma2": "gemma-2-2b", "gemma3": "gemma-3-1
                "granite": "granite-3.1-2b", "olmo2": "olmo-2-1b", "smollm3": "smollm3-3b"}
 
 
+GPU_RESULTS = []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(GPU_PRESETS))
 def test_gpu_bf16_error_within_2x_of_stock(family):
-    """Real-sized config, random weights, bf16: braid's error against an fp32 reference at most 2x stock's."""
-    model = build_model(GPU_PRESETS[family], dtype=torch.bfloat16, device="cuda", seed=0)
+    """Real-sized layers, random weights, bf16: braid's error against an fp32 reference at most 2x stock's,
+    at contexts 1 and 600 (past Gemma-3's 512 window). 8 of the real layer count (covers Gemma-3's global
+    layer 5 and SmolLM3's NoPE layers 3 and 7) keeps seven multi-billion-parameter builds in the budget."""
+    import json
+
+    model = build_model(GPU_PRESETS[family], dtype=torch.bfloat16, device="cuda", seed=0, num_hidden_layers=8)
     V = model.config.vocab_size
-    prompt, cont = random_tokens(V, 2, 64, 31, "cuda"), random_tokens(V, 2, 16, 32, "cuda")
-    ref = fp32_reference_logits(model, prompt, cont)
-    stock = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+    cases = []
+    for ctx in (1, 600):
+        prompt, cont = random_tokens(V, 1, ctx, 100 + ctx, "cuda"), random_tokens(V, 1, 8, 200 + ctx, "cuda")
+        ref = fp32_reference_logits(model, prompt, cont)
+        cases.append((ctx, prompt, cont, ref, rel_err(teacher_forced_logits(model, prompt, cont), ref)))
     assert braid_backend.patch(model).ok
-    err = rel_err(teacher_forced_logits(model, prompt, cont), ref)
-    assert err <= 2 * stock + 1e-3, (family, err, stock)
+    failures = []
+    for ctx, prompt, cont, ref, stock in cases:
+        err = rel_err(teacher_forced_logits(model, prompt, cont), ref)
+        GPU_RESULTS.append(dict(preset=GPU_PRESETS[family], ctx=ctx, graphs=True, stock_err=stock, braid_err=err,
+                                ratio=err / stock))
+        if not err <= 2 * stock:
+            failures.append((ctx, err, stock))
+    out = os.environ.get("BRAID_GPU_JSON")
+    if out:  # next to test_gpu.py's file, which that module rewrites as a whole
+        with open(out.replace(".json", "") + "-families.json", "w") as f:
+            json.dump(GPU_RESULTS, f, indent=1)
+    assert not failures, failures
