@@ -68,63 +68,43 @@ def unpatch_and_check(model, ref_fn, ref):
 
 
 # -- refusals ------------------------------------------------------------------------------------------
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                      bos_token_id=1, eos_token_id=2)).eval()
-
-
-def _t5():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    return T5ForConditionalGeneration(T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
-                                               vocab_size=100)).eval()
-
-
 class LoraLikeLinear(nn.Linear):
     """A Linear subclass (LoRA, quantized linears look like this): computes something else."""
 
 
-def _with_linear_subclass():
-    m = build_model("tiny-qwen2", dtype=torch.float32)
-    old = m.model.layers[1].self_attn.q_proj
-    new = LoraLikeLinear(old.in_features, old.out_features, bias=True)
-    new.load_state_dict(old.state_dict())
-    m.model.layers[1].self_attn.q_proj = new
-    return m
-
-
-def _tweak(**attrs):
+def _tiny(then, name="tiny-qwen2", **overrides):
     def make():
-        m = build_model("tiny-qwen2", dtype=torch.float32)
-        for k, v in attrs.items():
-            setattr(m, k, v)
+        m = build_model(name, dtype=torch.float32, **overrides)
+        then(m)
         return m
     return make
 
 
-def _training():
-    return build_model("tiny-qwen2", dtype=torch.float32).train()
+def _swap_q_proj(m):
+    old = m.model.layers[1].self_attn.q_proj
+    m.model.layers[1].self_attn.q_proj = LoraLikeLinear(old.in_features, old.out_features, bias=True)
 
 
-def _flash():
-    m = build_model("tiny-qwen2", dtype=torch.float32)
-    m.config._attn_implementation = "flash_attention_2"   # stock itself fails here without flash-attn
-    return m
+def _hf(config_cls, model_cls, **cfg):
+    import transformers
+
+    return lambda: getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
 
 
-REFUSALS = {
-    "gpt2": (_gpt2, "gpt2"),
-    "t5": (_t5, "encoder-decoder"),
-    "training": (_training, "training"),
-    "quantized": (_tweak(hf_quantizer=object()), "quantized"),
-    "linear-subclass": (_with_linear_subclass, "LoraLikeLinear"),
-    "device-map-2-devices": (_tweak(hf_device_map={"model.embed_tokens": 0, "model.layers": 0, "lm_head": 1}),
-                             "device"),
-    "dynamic-rope": (lambda: build_model("tiny-llama", dtype=torch.float32, rope_parameters={
+REFUSALS = {  # case: (builder, a word the reason must contain)
+    "gpt2": (_hf("GPT2Config", "GPT2LMHeadModel", n_layer=1, n_embd=32, n_head=2, vocab_size=100,
+                 n_positions=64, bos_token_id=1, eos_token_id=2), "gpt2"),
+    "t5": (_hf("T5Config", "T5ForConditionalGeneration", num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
+               vocab_size=100), "encoder-decoder"),
+    "training": (_tiny(lambda m: m.train()), "training"),
+    "quantized": (_tiny(lambda m: setattr(m, "hf_quantizer", object())), "quantized"),
+    "linear-subclass": (_tiny(_swap_q_proj), "LoraLikeLinear"),
+    "device-map-2-devices": (_tiny(lambda m: setattr(m, "hf_device_map", {"model": 0, "lm_head": 1})), "device"),
+    "dynamic-rope": (_tiny(lambda m: None, "tiny-llama", rope_parameters={
         "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "dynamic"),
-    "flash-attention-2": (_flash, "flash_attention_2"),
+    # stock itself fails here (no flash-attn on the test machines): the outcome must stay that failure
+    "flash-attention-2": (_tiny(lambda m: setattr(m.config, "_attn_implementation", "flash_attention_2")),
+                          "flash_attention_2"),
 }
 
 
