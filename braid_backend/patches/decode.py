@@ -134,8 +134,8 @@ class DecodeState:
         self.tables.clear()
 
     # -- rope ----------------------------------------------------------------------------------------
-    def _rotary(self, key, length: int, start: int = 0):
-        pos = torch.arange(start, start + length, device=self.device)[None]
+    def _rotary(self, key, length: int):
+        pos = torch.arange(length, device=self.device)[None]
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         args = {} if key is None else {"layer_type": key}
         cos, sin = self.plan.rotary(dummy, position_ids=pos, **args)
