@@ -494,8 +494,8 @@ def test_verify_failure_falls_back_to_stock(monkeypatch, caplog, device):
 
 
 def test_cache_id_reuse_cannot_hit_stale_graphs(device):
-    """Graphs are keyed by id(cache): a dropped cache must take its graphs along, or a new cache at
-    the same address would replay graphs that read freed buffers."""
+    """Graphs are keyed by the cache's serial number (never reused, unlike id()); a dropped cache
+    must still take its graphs along, or they would keep its buffers alive."""
     model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=20)
     braid_backend.patch(model)
     st = model._braid_state
@@ -508,7 +508,8 @@ def test_cache_id_reuse_cannot_hit_stale_graphs(device):
 
     st.graphs = Runner()
     c = st.new_cache(1, 8)
-    cid = id(c)
+    cid = c.serial
+    assert st.new_cache(1, 8).serial != cid
     st.graphs.graphs[(1, cid, 0, c.max_len, "hf-step")] = "graph"
     st.fast_loops[(1, cid, 0, 8, "sel")] = "loop"
     st.graphs.graphs[(1, cid + 1, 0, c.max_len, "hf-step")] = "other"

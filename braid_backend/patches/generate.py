@@ -100,6 +100,10 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
             st.graph_runner()   # before fastgen makes a plain GraphRunner: capture failures must fall back
         if kwargs.get("custom_generate") is None:
             kwargs["custom_generate"] = _decoding_method(st, cache)
+            # HF hands a callable custom_generate only the keyword arguments that _sample lacks, so
+            # the streamer travels under its own name too (HF still puts the prompt to it itself)
+            if kwargs.get("streamer") is not None:
+                kwargs["braid_streamer"] = kwargs["streamer"]
         else:
             st.last_path = "hf (custom_generate given)"
             st.stats["generate_hf_loop"] += 1
@@ -107,8 +111,10 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
 
 
 def _decoding_method(st, cache):
-    def decoding_method(model_self, input_ids, **kw):
+    def decoding_method(model_self, input_ids, braid_streamer=None, **kw):
         from ..runtime import fastgen  # looked up per call: tests swap fast_generate to inject faults
+
+        kw["streamer"] = braid_streamer
 
         rng = _rng_state(st.decode.device)
         try:

@@ -52,7 +52,7 @@ class SafeGraphRunner(GraphRunner):
 
 
 def _forget_cache(state_ref, cache_id: int) -> None:
-    # weakref.finalize callback: graphs are keyed by id(cache), and a later cache may reuse the id
+    # weakref.finalize callback: a freed cache's graphs would otherwise keep its buffers alive
     st = state_ref()
     if st is not None:
         st.forget_cache(cache_id)
@@ -164,11 +164,11 @@ class PatchState:
         p = self.plan
         c = BraidCache(len(p.layers), batch_bucket(batch), p.n_kv_heads, round_up(max(length, 1), LEN_ROUND),
                        p.head_dim, self.decode.dtype, self.decode.device, owner_id=id(self))
-        weakref.finalize(c, _forget_cache, weakref.ref(self), id(c))
+        weakref.finalize(c, _forget_cache, weakref.ref(self), c.serial)
         return c
 
     def forget_cache(self, cache_id: int) -> None:
-        """Drop graphs and loops captured on a cache that is gone (its id may come back for a new one)."""
+        """Drop graphs and loops captured on a cache that is gone (keys hold its serial number)."""
         runner = self.graphs
         if runner is not None:
             for k in [k for k in list(runner.graphs) if k[1] == cache_id]:
@@ -181,7 +181,7 @@ class PatchState:
         c = self.cache
         if c is None or not c.fits(batch, length) or c.valid is None:
             if c is not None:
-                self.forget_cache(id(c))
+                self.forget_cache(c.serial)
                 c.release()
                 self.cache = None
             c = self.cache = self.new_cache(batch, length)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import weakref
 
+import itertools
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -78,6 +80,9 @@ class BraidLayer(CacheLayerMixin):
         raise NotImplementedError("the braid cache does not support beam search; generate() routes it to stock")
 
 
+_SERIALS = itertools.count(1)
+
+
 class BraidCache(Cache):
     """One static buffer per layer; `seen` (a host int) is the number of filled positions."""
 
@@ -87,6 +92,8 @@ class BraidCache(Cache):
         self.n_kv_heads, self.head_dim, self.max_len = n_kv_heads, head_dim, max_len
         self.dtype, self.device_ = dtype, torch.device(device)
         self.owner_id = owner_id
+        # unique for the life of the process (id() is reused after a cache is freed): graph keys use it
+        self.serial = next(_SERIALS)
         shape = (batch_capacity, n_kv_heads, max_len, head_dim)
         # torch.empty, not zeros: positions are only read after being written, and `valid` masks the rest.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

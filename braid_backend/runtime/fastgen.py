@@ -64,12 +64,8 @@ class FastLoop:
 
         self.graphed = bool(st.options.get("graphs")) and dec.device.type == "cuda"
         if self.graphed:
-            from .graphs import GraphRunner
-
-            if st.graphs is None:
-                st.graphs = GraphRunner(st)
             rng = torch.cuda.get_rng_state(dec.device)
-            cs = st.graphs.capture(bucket, cache, ("fast", K, sel_cfg), body, warm_slots=K)
+            cs = st.graph_runner().capture(bucket, cache, ("fast", K, sel_cfg), body, warm_slots=K)
             # capture's warm-up drew random numbers: restore, so seeded calls repeat from the first call on
             torch.cuda.set_rng_state(rng, dec.device)
             self.bufs, self.run = cs.bufs, cs.graph.replay
@@ -117,7 +113,7 @@ def fast_generate(st, model, input_ids, logits_processor, stopping_criteria, gen
                 **{st.cache_key: cache})
     bucket = min(batch_bucket(B), cache.batch_capacity)
     st.decode.ensure_rope_table(cache.max_len)
-    key = (bucket, id(cache), cache.version, K, sel_cfg)
+    key = (bucket, cache.serial, cache.version, K, sel_cfg)
     loop = st.fast_loops.get(key)
     if loop is None:
         st.fast_loops = {k: v for k, v in st.fast_loops.items() if k[1:3] == key[1:3]}

@@ -34,7 +34,7 @@ class GraphRunner:
         self.graphs.clear()
 
     def _key(self, bucket: int, cache, tag) -> tuple:
-        return (bucket, id(cache), cache.version, cache.max_len, tag)
+        return (bucket, cache.serial, cache.version, cache.max_len, tag)
 
     def capture(self, bucket: int, cache, tag, body, warm_slots: int = 1) -> CapturedStep:
         """Capture `body(bufs)` for this bucket; `body` runs one or more decode steps on the buffers."""
@@ -43,7 +43,7 @@ class GraphRunner:
         if got is not None:
             return got
         # drop graphs of buffers that no longer exist (cache re-allocated)
-        for k in [k for k in self.graphs if k[1] == id(cache) and k[2] != cache.version]:
+        for k in [k for k in self.graphs if k[1] == cache.serial and k[2] != cache.version]:
             del self.graphs[k]
         t0 = time.perf_counter()
         st = self.st
