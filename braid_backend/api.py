@@ -117,17 +117,25 @@ def _rollback(model, views_before: set) -> None:
 
 
 def _fill_report(report: PatchReport, plan, opts, device) -> None:
-    p = plan
+    p, spec = plan, plan.spec
+
+    def names(*parts):  # module names as this family calls them (None: the family has no such norm)
+        return "+".join(n for n in parts if n)
+
     for lp in p.layers:
         i = lp.index
-        extra = " + q/k norm" if lp.q_norm is not None else ""
+        pre = "rmsnorm + " if spec.attn_norm else ""
+        extra = {"head": " + q/k norm", "full": " + q/k norm (whole projection)"}.get(spec.qk_norm or "", "")
         bias = " + bias" if lp.q.bias is not None else ""
         win = f", sliding window {lp.window}" if lp.window else ""
-        report.patched.append((f"model.layers.{i}.input_layernorm+self_attn",
-                               f"rmsnorm + qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
-                               "o_proj GEMV + residual"))
-        report.patched.append((f"model.layers.{i}.post_attention_layernorm+mlp",
-                               f"rmsnorm + gate_up GEMV + {p.act}; down GEMV + residual"))
+        post = " + post-norm" if spec.attn_out_norm else ""
+        report.patched.append((f"model.layers.{i}." + names(spec.attn_norm, spec.attn, spec.attn_out_norm),
+                               f"{pre}qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
+                               f"o_proj GEMV{post} + residual"))
+        pre = "rmsnorm + " if spec.mlp_norm else ""
+        post = " + post-norm" if spec.mlp_out_norm else ""
+        report.patched.append((f"model.layers.{i}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm),
+                               f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
     report.patched.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
     report.stock.append(("prefill (more than one new token per sequence)",
                          "stock HF modules (SDPA) writing into the braid static cache"))

@@ -35,7 +35,7 @@ for s in $STAGES; do
     timeout 200 python3 -m pytest -q -rA tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py \
       -p no:cacheprovider > "$WORK/kernel-tests.log" 2>&1
     tail -n 1 "$WORK/kernel-tests.log"
-    BRAID_GPU_JSON=$WORK/gpu_errors.json timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rA \
+    BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json timeout ${TESTS_TIMEOUT:-600} python3 -m pytest -q -rA \
       ${TESTS:-tests -m gpu} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/tests.log" | tail -n 20 ;;
   kernels)

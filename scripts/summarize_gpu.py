@@ -14,16 +14,23 @@ def load(name):
 
 env = open(os.path.join(work, "env.txt")).read().strip() if os.path.exists(os.path.join(work, "env.txt")) else "?"
 print("env:", env.replace("\n", " | "))
-errs = load("gpu_errors.json") or []
+errs = []
+for path in sorted(glob.glob(os.path.join(work, "gpu_errors*.json"))):
+    errs += json.load(open(path))
 if errs:
     print("\ncorrectness (teacher-forced logits vs fp32; rule braid <= 2x stock)")
     print(f"{'preset':14} {'ctx':>5} {'graphs':>6} {'stock err':>10} {'braid err':>10} {'ratio':>6}")
     for r in errs:
-        print(f"{r['preset']:14} {r['ctx']:5d} {str(r['graphs']):>6} {r['stock_err']:10.3e} {r['braid_err']:10.3e} {r['ratio']:6.2f}")
+        print(f"{str(r.get('preset', r.get('family', '?'))):14} {r.get('ctx', 0):5d} {str(r.get('graphs', '')):>6} "
+              f"{r.get('stock_err', float('nan')):10.3e} {r.get('braid_err', float('nan')):10.3e} {r.get('ratio', float('nan')):6.2f}")
 log = os.path.join(work, "tests.log")
 if os.path.exists(log):
     tail = [l for l in open(log).read().splitlines() if " passed" in l or " failed" in l]
     print("tests:", tail[-1] if tail else "no summary line")
+for name in ("breakdown.json", "reliability.json"):
+    d = load(name)
+    if d:
+        print(f"\n{name}: " + json.dumps(d)[:1500])
 for name in ("gemv.json", "attention.json"):
     rows = load(name)
     if not rows:

@@ -1,7 +1,7 @@
 """Print the family support table generated from the spec registry and write docs/support.md.
 
-    python scripts/support_table.py            # print + write docs/support.md
-    python scripts/support_table.py --check    # exit 1 when docs/support.md is out of date (CPU test)
+    python scripts/support_table.py            # print + write docs/support.md and README's section
+    python scripts/support_table.py --check    # exit 1 when either is out of date (CPU test)
 
 Everything in the table is derived from braid_backend.patches.spec (REGISTRY, REFUSED and the generic
 checks), so a new spec row shows up here without touching this script.
@@ -20,6 +20,17 @@ from braid_backend.patches.spec import (  # noqa: E402
 )
 
 OUT = ROOT / "docs" / "support.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- support-table:begin (scripts/support_table.py) -->", "<!-- support-table:end -->"
+
+
+def readme_with(text: str) -> str:
+    """README.md with the generated table (without its title) between the markers."""
+    body = text.split("\n", 1)[1].strip()
+    readme = README.read_text()
+    head, rest = readme.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
 
 
 def _norm_kind(s: FamilySpec) -> str:
@@ -109,13 +120,16 @@ def main() -> int:
     args = ap.parse_args()
     text = table()
     if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run python scripts/support_table.py")
+        stale = [p.name for p, want in ((OUT, text), (README, readme_with(text)))
+                 if not p.exists() or p.read_text() != want]
+        if stale:
+            print(f"{', '.join(stale)} out of date: run python scripts/support_table.py")
             return 1
         return 0
     print(text)
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(text)
+    README.write_text(readme_with(text))
     return 0
 
 
