@@ -21,26 +21,30 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.no_grad()
 def teacher_forced_logits(model, prompt: torch.Tensor, cont: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None = None, *, forward=None,
+                          cache=None) -> torch.Tensor:
     """Logits (steps, B, V) in fp32: the prefill's last position, then one per fed continuation token.
 
-    Runs through `model.generate`'s own building blocks: a forward with a cache for the prompt, then
-    single-token forwards reusing the returned cache, the way generate() drives the model."""
+    Runs the model the way generate() drives it: a forward with a cache for the prompt, then
+    single-token forwards reusing the returned cache. `forward` replaces model.__call__ (verify runs
+    the stock and the patched forward of one model); `cache` is the prefill's cache (default: none
+    passed, so the stock model makes a DynamicCache and a patched one its braid cache)."""
     from .runtime.hf_compat import cache_kwarg_name, output_cache
 
-    B, T = prompt.shape
+    fwd = forward if forward is not None else model
+    B = prompt.shape[0]
     mask = attention_mask if attention_mask is not None else torch.ones_like(prompt)
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     key = cache_kwarg_name(model)
-    # no cache passed: the stock model makes a DynamicCache, a patched one its braid cache
-    out = model(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True)
+    extra = {key: cache} if cache is not None else {}
+    out = fwd(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     logits = [out.logits[:, -1].float()]
     cache = output_cache(out)
     for i in range(cont.shape[1]):
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{key: cache})
+        out = fwd(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                  **{key: cache})
         logits.append(out.logits[:, -1].float())
         cache = output_cache(out)
     return torch.stack(logits)

@@ -21,31 +21,12 @@ import logging
 
 import torch
 
-from .numerics import rel_err
-from .runtime.hf_compat import output_cache
+from .numerics import rel_err, teacher_forced_logits
 
 log = logging.getLogger("braid_backend")
 
 PROMPT, ROWS, STEPS = 32, 2, 3
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
-
-
-@torch.no_grad()
-def _teacher_forced(fwd, cache_key, prompt, mask, cont, cache=None) -> list[torch.Tensor]:
-    B = prompt.shape[0]
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    extra = {cache_key: cache} if cache is not None else {}
-    out = fwd(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
-    logits = [out.logits[:, -1].float()]
-    cache = output_cache(out)
-    for i in range(cont.shape[1]):
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = fwd(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True,
-                  **{cache_key: cache})
-        logits.append(out.logits[:, -1].float())
-        cache = output_cache(out)
-    return logits
 
 
 def check_inputs(st, input_ids, attention_mask):
@@ -70,7 +51,7 @@ def verify_patch(st, model, input_ids, attention_mask=None) -> dict | None:
     try:
         ids, mask, cont = check_inputs(st, input_ids, attention_mask)
         res.update(rows=ids.shape[0], prompt_len=ids.shape[1], steps=STEPS)
-        stock = _teacher_forced(st.orig_forward, st.cache_key, ids, mask, cont)
+        stock = teacher_forced_logits(model, ids, cont, mask, forward=st.orig_forward)
     except Exception as e:
         # stock itself fails on these inputs (ids out of range, ...): a bad call, not a bad patch.
         # The call goes on to fail as stock would; the next call is checked instead.
@@ -81,8 +62,8 @@ def verify_patch(st, model, input_ids, attention_mask=None) -> dict | None:
         cache = st.new_cache(ids.shape[0], ids.shape[1] + STEPS + 1)
         st.eager_only = True
         try:
-            patched = _teacher_forced(lambda **kw: st.forward(model, st.orig_forward, **kw), st.cache_key,
-                                      ids, mask, cont, cache)
+            patched = teacher_forced_logits(model, ids, cont, mask, cache=cache,
+                                            forward=lambda **kw: st.forward(model, st.orig_forward, **kw))
         finally:
             st.eager_only = False
         res["errs"] = [rel_err(p, s) for p, s in zip(patched, stock)]
