@@ -121,6 +121,9 @@ def test_refused_model_is_left_untouched(case, caplog):
     make, word = REFUSALS[case]
     model = make()
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    # twice: transformers 5.17's flash-attention-2 model on a CPU raises TypeError on the first
+    # call and ImportError after that, so the settled outcome is the reference
+    _stock_out(model)
     ref = _stock_out(model)
     with caplog.at_level(logging.WARNING, logger="braid_backend"):
         report = braid_backend.patch(model)
