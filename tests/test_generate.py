@@ -133,3 +133,33 @@ def test_generation_config_defaults_and_cache_growth(pair):
     long_ids = prompt(1, before + 3, 7)
     a, b, _ = both(pair, long_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b) and patched._braid_state.cache.max_len > before
+
+
+def _tiny_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+
+
+def test_text_iterator_streamer_in_a_thread(pair):
+    """The usual streaming pattern: generate() in a thread, text read from TextIteratorStreamer."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    stock, patched = pair
+    tokenizer = _tiny_tokenizer(patched.config.vocab_size)
+    ids = prompt(1, 5, 9)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=patched.generate(
+        ids, max_new_tokens=6, do_sample=False, pad_token_id=0, streamer=streamer)))
+    t.start()
+    text = "".join(streamer)
+    t.join()
+    ref = stock.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert patched._braid_state.last_path == "fast" and torch.equal(box["out"], ref)
+    assert text.split() == tokenizer.decode(ref[0, 5:]).split()
