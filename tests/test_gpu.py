@@ -97,3 +97,25 @@ def test_seeded_sampling_repeats_and_eos_list():
         hits = [i for i, t in enumerate(row.tolist()) if t in eos]
         if hits:
             assert (row[hits[0] + 1:] == 0).all()
+
+
+def test_decode_step_has_no_host_sync():
+    """The fused step (what the graphs capture) must not sync with the host: CUDA's sync debug mode
+    turns any synchronizing call into an error."""
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=3)
+    braid_backend.patch(model, graphs=False)
+    ids = random_tokens(model.config.vocab_size, 2, 16, 9, "cuda")
+    model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=2)   # compiles the kernels
+    st = model._braid_state
+    cache = st.cache
+    b = st.decode.buffers_for(2, cache.max_len)
+    b.slots.fill_(cache.max_len - 1)
+    b.kv_lens.fill_(17)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st.decode.forward(cache, b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(b.logits.float()).all()
