@@ -11,7 +11,7 @@ from .report import PatchReport
 
 log = logging.getLogger("braid_backend")
 
-DEFAULTS = dict(graphs=True, fast_generate=True, graph_steps=8, max_batch=64, verify=False, strict=False)
+DEFAULTS = dict(graphs=True, fast_generate=True, graph_steps=8, verify=False, strict=False)
 
 
 class BraidUnsupportedError(RuntimeError):
@@ -36,7 +36,7 @@ def patch(model, **options) -> PatchReport:
 
     Options: graphs (CUDA-graph decode, default True), fast_generate (device-side token loop for the
     generate() settings it implements, default True), graph_steps (decode steps per host round-trip),
-    max_batch, verify (compare a few decode steps with stock on first use), strict (raise instead of
+    verify (compare a few decode steps with stock on first use), strict (raise instead of
     leaving the model stock). Returns a PatchReport; idempotent."""
     from .patches.model import PatchState
     from .patches.spec import Unsupported, plan_model

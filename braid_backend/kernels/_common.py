@@ -55,7 +55,3 @@ def kernels_usable(device: torch.device) -> tuple[bool, str]:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def torch_dtype_to_tl(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

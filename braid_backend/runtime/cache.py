@@ -61,7 +61,6 @@ class BraidLayer(CacheLayerMixin):
         self.values[:B, :, start:start + q].copy_(value_states)
         if self.idx == o.num_layers - 1:
             o.seen = start + q
-            o.batch = B
         return self.keys[:B, :, :start + q], self.values[:B, :, :start + q]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -100,7 +99,6 @@ class BraidCache(Cache):
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch_capacity, max_len, dtype=torch.int8, device=device)
         self.seen = 0
-        self.batch = 0
         self.version = 0   # bumped when buffers are re-allocated: captured graphs must be re-captured
         super().__init__(layers=[BraidLayer(self, i) for i in range(num_layers)])
 
