@@ -33,6 +33,7 @@ for s in $STAGES; do
     stage tests
     # kernel tests on CUDA tensors, then every test marked gpu (CPU-only tests are deselected)
     timeout 200 python3 -m pytest -q -rA tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py \
+      tests/test_kernel_rope_cache.py tests/test_kernel_attention.py \
       -p no:cacheprovider > "$WORK/kernel-tests.log" 2>&1
     tail -n 1 "$WORK/kernel-tests.log"
     BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json timeout ${TESTS_TIMEOUT:-600} python3 -m pytest -q -rA \
