@@ -2,6 +2,7 @@
 # The one GPU run: GPU tests, kernel microbenchmarks and A/B benchmarks, then a short table.
 #   bash scripts/gpu_check.sh                 # everything
 #   STAGES="tests bench" bash scripts/gpu_check.sh
+#   STAGES="env test-reliability breakdown bench test-kernel" BENCH_MODELS="qwen2.5-0.5b:1:braid" bash scripts/gpu_check.sh
 # Results land in $OUT (the device tool's output folder) or ./gpu-out: one tarball of everything
 # plus summary.txt, so that the device tool's 8-file limit is never hit.
 set -u
@@ -29,16 +30,27 @@ for s in $STAGES; do
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       python3 -c "import torch,transformers,triton;print('torch',torch.__version__,'transformers',transformers.__version__,'triton',triton.__version__)"
       date -u +%FT%TZ; } 2>&1 | tee "$WORK/env.txt" ;;
-  tests)
-    stage tests
-    # kernel tests on CUDA tensors, then every test marked gpu (CPU-only tests are deselected)
-    timeout 200 python3 -m pytest -q -rA tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py \
-      tests/test_kernel_rope_cache.py tests/test_kernel_attention.py \
-      -p no:cacheprovider > "$WORK/kernel-tests.log" 2>&1
-    tail -n 1 "$WORK/kernel-tests.log"
-    BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json timeout ${TESTS_TIMEOUT:-600} python3 -m pytest -q -rA \
-      ${TESTS:-tests -m gpu} ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider > "$WORK/tests.log" 2>&1
-    grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/tests.log" | tail -n 20 ;;
+  tests|test-*)
+    # one pytest per group, each with its own time limit and log, published as soon as it ends;
+    # stage "test-<group>" runs one group (so groups can interleave with other stages)
+    groups=${TEST_GROUPS:-kernel reliability gpu families}
+    [ "${s#test-}" != "$s" ] && groups=${s#test-}
+    for grp in $groups; do
+      stage "tests $grp"
+      case $grp in
+        kernel) files="tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope_cache.py tests/test_kernel_attention.py"; sel="" ;;
+        reliability) files=tests/test_gpu_reliability.py; sel="-m gpu" ;;
+        gpu) files=tests/test_gpu.py; sel="-m gpu" ;;
+        families) files=tests/test_families.py; sel="-m gpu" ;;
+        *) files=$grp; sel="-m gpu" ;;
+      esac
+      BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json \
+        timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rA --durations=8 $files $sel ${TESTS_K:+-k "$TESTS_K"} \
+        -p no:cacheprovider > "$WORK/tests-$grp.log" 2>&1
+      echo "exit $?" >> "$WORK/tests-$grp.log"
+      grep -E "^(FAILED|ERROR)|passed|failed|^exit" "$WORK/tests-$grp.log" | tail -n 12
+      publish
+    done ;;
   kernels)
     stage kernels
     timeout 150 python3 benchmarks/kernels/bench_gemv.py --out "$WORK/gemv.json" --budget ${GEMV_BUDGET:-40} > "$WORK/gemv.log" 2>&1
@@ -46,8 +58,8 @@ for s in $STAGES; do
     tail -n 3 "$WORK/gemv.log" "$WORK/attention.log" ;;
   breakdown)
     stage breakdown
-    timeout 180 python3 benchmarks/step_breakdown.py qwen2.5-0.5b --out "$WORK/breakdown.json" > "$WORK/breakdown.log" 2>&1
-    tail -n 8 "$WORK/breakdown.log" ;;
+    timeout ${BREAKDOWN_TIMEOUT:-200} python3 benchmarks/step_breakdown.py qwen2.5-0.5b --out "$WORK/breakdown.json" > "$WORK/breakdown.log" 2>&1
+    grep -vE "^    \(" "$WORK/breakdown.log" | tail -n 20 ;;
   bench)
     for mb in $BENCH_MODELS; do
       m=${mb%%:*}; rest=${mb#*:}; b=${rest%%:*}; v=${rest#*:}; [ "$v" = "$rest" ] && v=$VARIANTS

@@ -23,11 +23,18 @@ if errs:
     for r in errs:
         print(f"{str(r.get('preset', r.get('family', '?'))):14} {r.get('ctx', 0):5d} {str(r.get('graphs', '')):>6} "
               f"{r.get('stock_err', float('nan')):10.3e} {r.get('braid_err', float('nan')):10.3e} {r.get('ratio', float('nan')):6.2f}")
-log = os.path.join(work, "tests.log")
-if os.path.exists(log):
-    tail = [l for l in open(log).read().splitlines() if " passed" in l or " failed" in l]
-    print("tests:", tail[-1] if tail else "no summary line")
-for name in ("breakdown.json", "reliability.json"):
+for log in sorted(glob.glob(os.path.join(work, "tests*.log"))):
+    lines = open(log).read().splitlines()
+    tail = [l for l in lines if " passed" in l or " failed" in l or l.startswith("exit ")]
+    print(f"{os.path.basename(log)}:", " | ".join(tail[-2:]) if tail else "no summary line (cut off?)")
+bd = load("breakdown.json")
+if bd and "runs" in bd:
+    print(f"\nstep breakdown {bd['preset']} batch 1 ctx {bd['ctx']} (ms): pdl, graph step, kernel sum, fast loop/token, "
+          "hf loop/token, eager step, kernels/step")
+    for r in bd["runs"]:
+        print(f"  pdl={r['pdl']!s:5} {r['graph_step_ms']:.3f} {r['kernel_sum_ms']:.3f} {r['fast_loop_ms_per_token']:.3f} "
+              f"{r['hf_loop_ms_per_token']:.3f} {r['eager_step_ms']:.3f} {r.get('n_kernels')}")
+for name in ("reliability.json",):
     d = load(name)
     if d:
         print(f"\n{name}: " + json.dumps(d)[:1500])

@@ -5,6 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
 from braid_backend.kernels.decode_attention import (  # noqa: E402
     MIN_SPLIT_LEN,
     attention_workspace,
@@ -13,9 +14,15 @@ from braid_backend.kernels.decode_attention import (  # noqa: E402
     default_num_splits,
 )
 
+# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
+DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
+pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
+
 
 def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, valid_bool=True, holes=()):
-    """Random inputs; every cache position a token must NOT attend holds NaN, so reading one fails."""
+    """Random inputs; every cache position a token must NOT attend holds NaN, so reading one fails.
+
+    Built on the CPU from a seeded generator, then moved to DEV."""
     g = torch.Generator().manual_seed(seed)
     B = M + B_extra
     q = torch.randn(M, H, D, generator=g).to(dtype)
@@ -36,14 +43,14 @@ def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, 
     v_cache[:M][~attended[:, None, :, None].expand(M, KV, S_max, D)] = float("nan")
     if not valid_bool:
         valid = valid.to(torch.int8)
-    return q, k_cache, v_cache, kv_lens, valid
+    return tuple(t.to(DEV) for t in (q, k_cache, v_cache, kv_lens, valid))
 
 
 def _check(q, kc, vc, lens, valid, num_splits, softcap=0.0, window=0):
     M, H, D = q.shape
     scale = D ** -0.5
     kw = dict(scale=scale, softcap=softcap, window=window)
-    out = torch.full((M, H * D), float("nan"), dtype=q.dtype)
+    out = torch.full((M, H * D), float("nan"), dtype=q.dtype, device=q.device)
     ws = None
     if num_splits and num_splits > 1:
         ws = tuple(t.fill_(float("nan")) for t in attention_workspace(M + 2, H, D, num_splits, q.device))

@@ -5,10 +5,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
 from braid_backend.kernels.rope_cache import (  # noqa: E402
     rope_qkv_cache_write,
     rope_qkv_cache_write_reference,
 )
+
+# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
+DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
+pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
 
 MAX_POS = 64
 
@@ -17,8 +22,9 @@ def _make(M, H, KV, D, S_max, dtype, seed, pos_dtype=torch.int64, rope_dim=None,
     g = torch.Generator().manual_seed(seed)
     rd = D if rope_dim is None else rope_dim
     width = (H + 2 * KV) * D
-    # Row stride wider than the row: the launcher must honour qkv.stride(0).
-    qkv = (torch.randn(M, width + 7, generator=g) * 2).to(dtype)[:, :width]
+    # Row stride wider than the row: the launcher must honour qkv.stride(0). Sliced after the move
+    # (moving a non-dense view would make it contiguous).
+    qkv_buf = (torch.randn(M, width + 7, generator=g) * 2).to(dtype)
     ang = torch.rand(MAX_POS, rd // 2, generator=g) * 6.3
     emb = torch.cat((ang, ang), dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -40,15 +46,18 @@ def _make(M, H, KV, D, S_max, dtype, seed, pos_dtype=torch.int64, rope_dim=None,
     if norm is not None:
         mode, offset = norm
         # Large weights like Qwen3's k_norm (up to ~100) amplify any cast-point mismatch.
-        kw.update(q_norm_weight=(torch.randn(D, generator=g) * 3).to(dtype),
-                  k_norm_weight=(torch.randn(D, generator=g) * 30).to(dtype),
+        kw.update(q_norm_weight=(torch.randn(D, generator=g) * 3).to(dtype).to(DEV),
+                  k_norm_weight=(torch.randn(D, generator=g) * 30).to(dtype).to(DEV),
                   norm_mode=mode, norm_offset=offset, eps=1e-6)
-    return dict(qkv=qkv, cos=cos, sin=sin, positions=positions, slots=slots, k_cache=k_cache,
-                v_cache=v_cache, q_out=q_out), kw
+    qkv = qkv_buf.to(DEV)[:, :width]
+    t = dict(cos=cos, sin=sin, positions=positions, slots=slots, k_cache=k_cache, v_cache=v_cache, q_out=q_out)
+    return dict(qkv=qkv, **{k: v.to(DEV) for k, v in t.items()}), kw
 
 
 def _clone(t):
-    return {k: v.clone() for k, v in t.items()}
+    # keep strides (clone() would make the sliced qkv contiguous and hide the row-stride case)
+    return {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
+            for k, v in t.items()}
 
 
 def _upcast(t, kw):
@@ -58,8 +67,9 @@ def _upcast(t, kw):
 
 
 def _written_mask(M, KV, S_max, slots, B):
-    m = torch.zeros(B, KV, S_max, dtype=torch.bool)
-    m[torch.arange(M)[:, None], torch.arange(KV)[None, :], slots.long()[:, None]] = True
+    dev = slots.device
+    m = torch.zeros(B, KV, S_max, dtype=torch.bool, device=dev)
+    m[torch.arange(M, device=dev)[:, None], torch.arange(KV, device=dev)[None, :], slots.long()[:, None]] = True
     return m
 
 
@@ -146,23 +156,24 @@ def test_matches_hf_apply_rotary_pos_emb(dtype):
     rot = LlamaRotaryEmbedding(cfg)
     max_pos = 256
     x = torch.zeros(1, dtype=dtype)
+    # Tables built by HF on the CPU, then moved: the kernel and the HF formula read the same values.
     cos, sin = rot(x, torch.arange(max_pos)[None])  # (1, max_pos, D) in dtype
-    cos, sin = cos[0].contiguous(), sin[0].contiguous()
+    cos, sin = cos[0].contiguous().to(DEV), sin[0].contiguous().to(DEV)
 
     g = torch.Generator().manual_seed(11)
-    qkv = torch.randn(M, (H + 2 * KV) * D, generator=g).to(dtype)
-    positions = torch.tensor([0, 17, 255])
-    slots = torch.tensor([3, 0, 39], dtype=torch.int64)
-    k_cache = torch.zeros(M, KV, S_max, D, dtype=dtype)
-    v_cache = torch.zeros(M, KV, S_max, D, dtype=dtype)
-    q_out = torch.full((M, H, D), float("nan"), dtype=dtype)
+    qkv = torch.randn(M, (H + 2 * KV) * D, generator=g).to(dtype).to(DEV)
+    positions = torch.tensor([0, 17, 255], device=DEV)
+    slots = torch.tensor([3, 0, 39], dtype=torch.int64, device=DEV)
+    k_cache = torch.zeros(M, KV, S_max, D, dtype=dtype, device=DEV)
+    v_cache = torch.zeros(M, KV, S_max, D, dtype=dtype, device=DEV)
+    q_out = torch.full((M, H, D), float("nan"), dtype=dtype, device=DEV)
     rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_out,
                          n_heads=H, n_kv_heads=KV, head_dim=D)
 
     q = qkv[:, :H * D].reshape(M, H, 1, D)
     k = qkv[:, H * D:(H + KV) * D].reshape(M, KV, 1, D)
     q_hf, k_hf = apply_rotary_pos_emb(q, k, cos[positions][:, None], sin[positions][:, None])
-    k_written = k_cache[torch.arange(M)[:, None], torch.arange(KV)[None, :], slots[:, None]]
+    k_written = k_cache[torch.arange(M, device=DEV)[:, None], torch.arange(KV, device=DEV)[None, :], slots[:, None]]
     if dtype == torch.bfloat16:
         assert torch.equal(q_out, q_hf[:, :, 0]), "bf16 cast points differ from HF"
         assert torch.equal(k_written, k_hf[:, :, 0])

@@ -15,6 +15,14 @@ except Exception:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
+try:  # grid dependency control (programmatic dependent launch), Hopper+; absent in old tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+
+    HAS_GDC = True
+except Exception:  # pragma: no cover
+    gdc_wait = gdc_launch_dependents = None
+    HAS_GDC = False
+
 
 def interpret_mode() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
@@ -51,6 +59,31 @@ def kernels_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu":
         return False, "model is on the CPU and TRITON_INTERPRET=1 is not set (Triton needs a GPU)"
     return False, f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+_PDL_CAPABLE: dict = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch kernels with programmatic dependent launch (PDL) on this device?
+
+    With PDL the next kernel of the stream (and of a captured graph) starts while this one runs: its
+    programs may load what no earlier kernel writes (weights) and must `gdc_wait()` before touching
+    anything else. Every kernel here that takes USE_PDL does exactly that, so a chain of them hides the
+    launch gap and the first memory round trip of each kernel. Hopper (sm_90) and newer only; never
+    under the interpreter; BRAID_PDL=0 turns it off (A/B runs)."""
+    if device.type != "cuda" or not HAS_GDC or interpret_mode() or os.environ.get("BRAID_PDL", "1") == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_CAPABLE:
+        _PDL_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_CAPABLE[idx]
+
+
+def pdl_launch_kwargs(device: torch.device) -> dict:
+    """The constexpr flag and the launch option that go together (launch_pdl only where it is on: the
+    interpreter does not take it)."""
+    return dict(USE_PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(USE_PDL=False)
 
 
 def next_pow2(n: int) -> int:

@@ -17,9 +17,10 @@ import functools
 
 import torch
 
-from ._common import DOT_UPCAST, interpret_mode, next_pow2, triton, tl
+from ._common import DOT_UPCAST, interpret_mode, next_pow2, pdl_launch_kwargs, triton, tl
 
 if triton is not None:
+    from ._common import gdc_launch_dependents, gdc_wait
     from ._common import rne_bf16 as _rne_bf16
 
 MIN_SPLIT_LEN = 256  # a split must have enough positions to amortise its q load + partial write
@@ -38,8 +39,11 @@ if triton is not None:
         scale, softcap, window,
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
@@ -134,8 +138,11 @@ if triton is not None:
         wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as,
         out_ptr, stride_om,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-        FIX_BF16: tl.constexpr,
+        FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         DT = out_ptr.dtype.element_ty
@@ -238,6 +245,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     block_d = max(16, next_pow2(head_dim))
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
     ieee = DOT_UPCAST or q.dtype == torch.float32
+    pdl = pdl_launch_kwargs(q.device)
     _attn_split_kernel[(M, n_kv, num_splits)](
         q, q.stride(0), q.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -249,7 +257,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_block_s(block_d),
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
         IEEE_DOT=ieee, FIX_BF16=fix_bf16,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl,
     )
     if num_splits > 1:
         _attn_combine_kernel[(M, n_heads)](
@@ -257,7 +265,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
             out, out.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             SPLITS_PAD=max(2, next_pow2(num_splits)), FIX_BF16=fix_bf16,
-            num_warps=2 if block_d * num_splits <= 4096 else 4,
+            num_warps=2 if block_d * num_splits <= 4096 else 4, **pdl,
         )
     return out
 

@@ -19,10 +19,11 @@ import functools
 
 import torch
 
-from ._common import DOT_UPCAST, next_pow2, tl, triton
+from ._common import DOT_UPCAST, next_pow2, pdl_launch_kwargs, tl, triton
 from .rmsnorm import BF16_RNE_FIX, _check_mode, norm_reference
 
 if triton is not None:
+    from ._common import gdc_launch_dependents, gdc_wait
     from .rmsnorm import _apply_norm, _round
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
@@ -79,13 +80,29 @@ if triton is not None:
         return tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
 
     @triton.jit
+    def _gemv_tile(acc_g, acc_u, wg, wu, x_rows, nw_ptr, k, K, mask_m3, r, norm_offset,
+                   HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
+                   BF16_FIX: tl.constexpr):
+        """acc += norm(x[:, k]) * W[rows, k] for one K tile whose weights are already loaded."""
+        mk3 = (k < K)[None, None, :]
+        k3 = k[None, None, :]
+        h = tl.load(x_rows + k3, mask=mask_m3 & mk3, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            wf = tl.load(nw_ptr + k3, mask=mk3, other=0.0).to(tl.float32) + norm_offset
+            h = _apply_norm(h, r[:, None, None], wf, NORM_MODE, DT, BF16_FIX)
+        acc_g += h * wg.to(tl.float32)
+        if ACT != 0:
+            acc_u += h * wu.to(tl.float32)
+        return acc_g, acc_u
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -98,24 +115,33 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm          # (BM, 1, 1)
         w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None] * K                  # (1, BN, 1)
         u_rows = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :, None] * K        # up half (act only)
+        # PDL: the first weight tile does not depend on earlier kernels, so it is in flight before the
+        # wait; x (and the norm's rsqrt over x) only after it.
+        k = offs_k
+        mk3 = (k < K)[None, None, :]
+        wg = tl.load(w_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
+        wu = wg
+        if ACT != 0:
+            wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        r = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
-            r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None, None]
+            r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)
         # 3-D accumulators: the cross-lane reduction over K happens once, after the loop.
         acc_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc_g, acc_u = _gemv_tile(acc_g, acc_u, wg, wu, x_rows, nw_ptr, k, K, mask_m3, r, norm_offset,
+                                  HAS_NORM, NORM_MODE, ACT, DT, BF16_FIX)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             mk3 = (k < K)[None, None, :]
-            k3 = k[None, None, :]
-            h = tl.load(x_rows + k3, mask=mask_m3 & mk3, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                wf = tl.load(nw_ptr + k3, mask=mk3, other=0.0).to(tl.float32) + norm_offset
-                h = _apply_norm(h, r, wf, NORM_MODE, DT, BF16_FIX)
-            wg = tl.load(w_rows + k3, mask=mask_n3 & mk3, other=0.0).to(tl.float32)
-            acc_g += h * wg
+            wg = tl.load(w_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
             if ACT != 0:
-                wu = tl.load(u_rows + k3, mask=mask_n3 & mk3, other=0.0).to(tl.float32)
-                acc_u += h * wu
+                wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
+            acc_g, acc_u = _gemv_tile(acc_g, acc_u, wg, wu, x_rows, nw_ptr, k, K, mask_m3, r, norm_offset,
+                                      HAS_NORM, NORM_MODE, ACT, DT, BF16_FIX)
         _epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), offs_m, offs_n, M, N_OUT,
                   b_ptr, res_ptr, stride_rm, out_ptr, stride_om, HAS_BIAS, ACT, HAS_RES, BF16_FIX)
 
@@ -126,7 +152,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
         pid_m = tl.program_id(0)
@@ -140,6 +166,9 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
         u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
+        if USE_PDL:  # everything below may read what the previous kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -284,7 +313,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
             res, out, M, n_out, K, x.stride(0), res.stride(0), out.stride(0), float(eps), float(norm_offset))
     flags = dict(HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, NORM_MODE=int(norm_mode),
                  ACT=_ACTS[act], HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                 **pdl_launch_kwargs(x.device))
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
         _gemv_kernel[grid](*args, **flags)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import interpret_mode, next_pow2, tl, triton
+from ._common import interpret_mode, next_pow2, pdl_launch_kwargs, tl, triton
 
 if triton is not None:
-    from ._common import rne_bf16
+    from ._common import gdc_launch_dependents, gdc_wait, rne_bf16
 
 # The Triton interpreter converts fp32 -> bf16 by truncation (round toward zero), while the GPU and
 # torch round to nearest even. Under the interpreter we round by hand so CPU tests check the real
@@ -66,8 +66,11 @@ if triton is not None:
         K, stride_xm, stride_rm, stride_om,
         eps, norm_offset,
         HAS_RES: tl.constexpr, NORM_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         DT = out_ptr.dtype.element_ty
         offs = tl.arange(0, BLOCK_K)
@@ -138,7 +141,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
         K, x.stride(0), res.stride(0), out.stride(0),
         float(eps), float(norm_offset),
         HAS_RES=residual is not None, NORM_MODE=int(norm_mode), BLOCK_K=block_k,
-        BF16_FIX=BF16_RNE_FIX, num_warps=num_warps,
+        BF16_FIX=BF16_RNE_FIX, num_warps=num_warps, **pdl_launch_kwargs(x.device),
     )
     return out
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import interpret_mode, next_pow2, triton, tl
+from ._common import interpret_mode, next_pow2, pdl_launch_kwargs, triton, tl
 
 if triton is not None:
-    from ._common import rne_bf16
+    from ._common import gdc_launch_dependents, gdc_wait, rne_bf16
 
 
 if triton is not None:
@@ -64,8 +64,11 @@ if triton is not None:
         qn_ptr, kn_ptr, eps, norm_offset,
         N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
-        NORM_MODE: tl.constexpr, FIX_BF16: tl.constexpr,
+        NORM_MODE: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         hh = tl.program_id(1)
         DT = qo_ptr.dtype.element_ty
@@ -156,7 +159,7 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
         BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_QNORM=q_norm_weight is not None, HAS_KNORM=k_norm_weight is not None,
         NORM_MODE=int(norm_mode), FIX_BF16=interpret_mode() and q_out.dtype == torch.bfloat16,
-        num_warps=1 if head_dim <= 128 else 2,
+        num_warps=1 if head_dim <= 128 else 2, **pdl_launch_kwargs(qkv.device),
     )
 
 
