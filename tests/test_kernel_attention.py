@@ -130,11 +130,12 @@ def test_attention_depends_on_inputs():
 
 
 def test_default_num_splits():
-    assert default_num_splits(1, 2, 300) == 1                   # short cache: no combine pass
+    assert default_num_splits(1, 2, 100) == 1                   # short cache: no combine pass
+    assert default_num_splits(1, 2, 300) == 4
     assert default_num_splits(64, 8, 33000) == 1                # 512 programs already fill the GPU
     for M, KV, S in [(1, 2, 4096), (1, 2, 33000), (16, 2, 4096), (1, 8, 33000), (4, 8, 1024)]:
         n = default_num_splits(M, KV, S)
         assert n >= 2, (M, KV, S, n)
         assert S // n >= MIN_SPLIT_LEN
         assert M * KV * n >= 132 or n == S // MIN_SPLIT_LEN
-    assert default_num_splits(1, 2, 4096) == 16
+    assert default_num_splits(1, 2, 4096) == 64

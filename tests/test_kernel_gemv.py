@@ -181,7 +181,11 @@ def test_heuristic_choices(monkeypatch):
         c64 = default_config(64, n_out, K, bf, act, dev)
         assert c64["path"] == "tc" and min(c64["BLOCK_M"], c64["BLOCK_N"], c64["BLOCK_K"]) >= 16
     assert default_config(1, 896, 896, bf, False, dev)["BLOCK_N"] == 2  # measured best on the H100
-    assert default_config(1, 151936, 896, bf, False, dev)["BLOCK_N"] == 32
+    assert default_config(1, 151936, 896, bf, False, dev)["BLOCK_N"] == 4
+    assert default_config(1, 4864, 896, bf, True, dev)["num_stages"] == 3
+    qkv16 = default_config(16, 1152, 896, bf, False, dev, None, True)
+    assert (qkv16["BLOCK_N"], qkv16["BLOCK_K"], qkv16["num_warps"]) == (32, 256, 8)
+    assert default_config(16, 896, 896, bf, False, dev)["BLOCK_N"] == 16   # o_proj: no norm prologue
     default_config.cache_clear()
     # the interpreter gets few big programs (CPU test speed), still a valid tiling
     cpu = default_config(1, 307, 96, torch.float32, False, torch.device("cpu"))

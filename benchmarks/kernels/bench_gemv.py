@@ -160,7 +160,8 @@ def run(copy_gbs: float, batches=(1, 16), sweep=True, *, shapes=None, dtype=torc
                 base_name = "F.linear"
             base_ms = common.bench_ms(base, graph=True)
 
-            heur = dict(default_config(M, n_out, K, dtype, act is not None, torch.device(device)))
+            heur = dict(default_config(M, n_out, K, dtype, act is not None, torch.device(device), None,
+                                       bool(sh["norm"])))
             h_ms, h_note = try_cfg(heur)
             shape_s = f"{sh['name']} N={N} K={K}"
             sweep_res = [dict(config=_cfg_str(heur), us=None if h_ms is None else round(h_ms * 1e3, 2),

@@ -23,7 +23,10 @@ if triton is not None:
     from ._common import gdc_launch_dependents, gdc_wait
     from ._common import rne_bf16 as _rne_bf16
 
-MIN_SPLIT_LEN = 256  # a split must have enough positions to amortise its q load + partial write
+# One BLOCK_S tile per split at batch 1: on the H100 a split's time is the latency of its dependent
+# load -> dot -> softmax -> load -> dot chain, not bytes, so short splits win (ctx 300, batch 1: 16
+# splits 4.7 us vs 1 split 11.3 us); the partial write is ~2 KB per (token, kv head, split).
+MIN_SPLIT_LEN = 64
 MAX_SPLITS = 128
 
 
@@ -174,9 +177,8 @@ def default_num_splits(M: int, n_kv_heads: int, S_max: int, num_sms: int = 132) 
     """Splits per (token, kv head): a pure function of shapes, so graph-safe.
 
     Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * num_sms) so that batch-1 decode of a
-    long cache is not served by 2 programs, but never more splits than the cache has 256-position
-    pieces (a split shorter than that costs more in partial writes than it gains); short caches get 1
-    split and skip the combine kernel."""
+    long cache is not served by 2 programs, but never more splits than the cache has MIN_SPLIT_LEN-position
+    pieces; caches shorter than two pieces get 1 split and skip the combine kernel."""
     max_splits = min(MAX_SPLITS, S_max // MIN_SPLIT_LEN)
     if max_splits <= 1:
         return 1

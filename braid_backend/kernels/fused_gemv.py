@@ -217,8 +217,10 @@ GEMV_MAX_M = 8  # above this the tensor-core path wins (tl.dot pays from ~16 row
 
 @functools.lru_cache(maxsize=4096)
 def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool, device: torch.device,
-                   path: str | None = None) -> dict:
-    """Launch parameters from shapes/dtype/device only (never tensor values: CUDA-graph safe)."""
+                   path: str | None = None, has_norm: bool = False) -> dict:
+    """Launch parameters from shapes/dtype/device only (never tensor values: CUDA-graph safe).
+
+    GPU numbers are the H100 sweep of 2026-11-25 (PDL on; benchmarks/results/2026-11-25-h100/)."""
     sms = _num_sms(device)
     if path is None:
         path = "gemv" if M <= GEMV_MAX_M else "tc"
@@ -230,15 +232,18 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
                     BLOCK_K=min(next_pow2(K), 256), num_warps=4, num_stages=1)
     if path == "gemv":
         block_m = min(next_pow2(M), GEMV_MAX_M)
-        # >= ~2 programs per SM where N allows; 4..32 rows per program. Small N (o_proj, down, qkv
-        # of 0.5B models): 2 rows per program measured best on the H100 (down 10.7 -> 7.1 us,
-        # qkv 5.7 -> 4.5 us, o_proj 4.0 -> 3.5 us at batch 1; benchmarks/results/h100-kernels-*.json).
-        block_n = max(4, min(32, _prev_pow2(n_out // (2 * sms)))) if n_out >= 8 * sms else 2
+        # Batch 1 sweep: 4 rows x 1024 columns per program for every N >= 8 programs/SM (gate_up 11.95
+        # -> 10.88 us, lm_head 106.8 -> 99.3 us vs 16-32 rows), 2 rows below that (o_proj 3.5 us,
+        # down 7.1 us); a third pipeline stage pays only on the big ones.
+        if n_out >= 8 * sms:
+            block_n, stages = 4, (3 if n_out >= 32 * sms else 2)
+        else:
+            block_n, stages = 2, 1
         block_n = min(block_n, next_pow2(n_out))
         # ~4096 fp32 accumulator elements per program (32 registers/thread at 4 warps; x2 with act).
         block_k = max(32, min(4096 // (block_m * block_n), next_pow2(K), 1024))
         return dict(path="gemv", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-                    num_stages=2)
+                    num_stages=stages)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     m_blocks = triton.cdiv(M, block_m)
     block_n = 16
@@ -250,6 +255,10 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
         block_n = min(block_n, 64)
     block_k = 128 if dtype != torch.float32 else 64
     block_k = max(16, min(block_k, next_pow2(K)))
+    if has_norm and not has_act and block_n == 16 and dtype != torch.float32 and K >= 256:
+        # norm prologue (qkv): every program recomputes the row statistic, so fewer, deeper programs
+        # win (batch 16 qkv 14.5 -> 9.7 us); o_proj/down (no norm) keep 16-wide tiles
+        return dict(path="tc", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3)
     return dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
 
 
@@ -303,7 +312,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
         return out
 
     path = config.get("path") if config else None
-    cfg = dict(default_config(M, n_out, K, x.dtype, act is not None, x.device, path))
+    cfg = dict(default_config(M, n_out, K, x.dtype, act is not None, x.device, path, norm_weight is not None))
     if config:
         cfg.update(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import interpret_mode, next_pow2, pdl_launch_kwargs, triton, tl
+from ._common import next_pow2, pdl_launch_kwargs, triton, tl
+from .rmsnorm import BF16_RNE_FIX
 
 if triton is not None:
     from ._common import gdc_launch_dependents, gdc_wait, rne_bf16
@@ -23,7 +24,7 @@ if triton is not None:
     @triton.jit
     def _rnd(x, DT: tl.constexpr, FIX_BF16: tl.constexpr):
         # Round an fp32 value to the model dtype and back: the points where HF's bf16 ops round.
-        if FIX_BF16:  # interpreter only: it truncates where the GPU rounds to nearest even
+        if FIX_BF16:  # integer RNE: see BF16_RNE_FIX in rmsnorm.py
             x = rne_bf16(x)
         return x.to(DT).to(tl.float32)
 
@@ -158,7 +159,7 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
         N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim, ROPE_DIM=rope_dim,
         BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_QNORM=q_norm_weight is not None, HAS_KNORM=k_norm_weight is not None,
-        NORM_MODE=int(norm_mode), FIX_BF16=interpret_mode() and q_out.dtype == torch.bfloat16,
+        NORM_MODE=int(norm_mode), FIX_BF16=BF16_RNE_FIX and q_out.dtype == torch.bfloat16,
         num_warps=1 if head_dim <= 128 else 2, **pdl_launch_kwargs(qkv.device),
     )
 

@@ -211,6 +211,7 @@ class DecodeState:
             b.tmp.mul_(p.residual_mult)
         b.x.add_(b.tmp)
 
+    @torch.no_grad()   # out= ops refuse parameters that require grad; the step is inference only
     def forward(self, cache, b: DecodeBuffers) -> torch.Tensor:
         """One decode step for all b.M rows; reads b.ids/pos/slots/kv_lens, returns b.logits."""
         p = self.plan

@@ -82,6 +82,11 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
     shape = input_shape(args, kwargs)
     if why is None and shape is None:
         why = "no input_ids/inputs_embeds tensor to size the cache from"
+    x = input_ids_of(args, kwargs)
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    if why is None and isinstance(x, torch.Tensor) and x.device != st.decode.device:
+        # stock warns and carries on (what it then does is HF's business); we never guess
+        why = f"inputs are on {x.device}, the model on {st.decode.device}"
     if why is not None:
         log.info("braid: generate() runs stock: %s", why)
         st.stats["generate_stock"] += 1
