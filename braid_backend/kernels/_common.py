@@ -47,6 +47,14 @@ if HAS_TRITON:
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         return bits.to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def pdl_wait(USE_PDL: tl.constexpr):
+        """First thing a kernel launched by PDL does before touching anything an earlier kernel wrote
+        (see pdl_enabled): wait for the previous kernel, then let the next one launch."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
 
 def kernels_usable(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors of this device, and if not, why."""

@@ -20,7 +20,7 @@ import torch
 from ._common import DOT_UPCAST, interpret_mode, next_pow2, pdl_launch_kwargs, triton, tl
 
 if triton is not None:
-    from ._common import gdc_launch_dependents, gdc_wait
+    from ._common import pdl_wait
     from ._common import rne_bf16 as _rne_bf16
 
 # One BLOCK_S tile per split at batch 1: on the H100 a split's time is the latency of its dependent
@@ -44,9 +44,7 @@ if triton is not None:
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
@@ -143,9 +141,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
         FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         DT = out_ptr.dtype.element_ty

@@ -23,7 +23,7 @@ from ._common import DOT_UPCAST, next_pow2, pdl_launch_kwargs, tl, triton
 from .rmsnorm import BF16_RNE_FIX, _check_mode, norm_reference
 
 if triton is not None:
-    from ._common import gdc_launch_dependents, gdc_wait
+    from ._common import pdl_wait
     from .rmsnorm import _apply_norm, _round
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
@@ -123,9 +123,7 @@ if triton is not None:
         wu = wg
         if ACT != 0:
             wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
-        if USE_PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         r = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)
@@ -166,9 +164,7 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
         u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
-        if USE_PDL:  # everything below may read what the previous kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)  # everything below may read what the previous kernel writes
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)

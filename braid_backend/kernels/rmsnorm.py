@@ -17,7 +17,7 @@ import torch
 from ._common import next_pow2, pdl_launch_kwargs, tl, triton
 
 if triton is not None:
-    from ._common import gdc_launch_dependents, gdc_wait, rne_bf16
+    from ._common import pdl_wait, rne_bf16
 
 # Intermediate bf16 roundings (HF's cast points) are done by hand, with integer ops, everywhere:
 # - the Triton interpreter converts fp32 -> bf16 by truncation where torch rounds to nearest even;
@@ -70,9 +70,7 @@ if triton is not None:
         HAS_RES: tl.constexpr, NORM_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
         BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         DT = out_ptr.dtype.element_ty
         offs = tl.arange(0, BLOCK_K)

@@ -16,17 +16,11 @@ from ._common import next_pow2, pdl_launch_kwargs, triton, tl
 from .rmsnorm import BF16_RNE_FIX
 
 if triton is not None:
-    from ._common import gdc_launch_dependents, gdc_wait, rne_bf16
+    from ._common import pdl_wait
+    from .rmsnorm import _round
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rnd(x, DT: tl.constexpr, FIX_BF16: tl.constexpr):
-        # Round an fp32 value to the model dtype and back: the points where HF's bf16 ops round.
-        if FIX_BF16:  # integer RNE: see BF16_RNE_FIX in rmsnorm.py
-            x = rne_bf16(x)
-        return x.to(DT).to(tl.float32)
 
     @triton.jit
     def _head_norm(x, xp, w_ptr, d, partner, dmask, pmask, eps, norm_offset,
@@ -39,12 +33,12 @@ if triton is not None:
         wp = tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset
         if NORM_MODE == 0:
             # Llama/Qwen3 RMSNorm: normalise in fp32, round, then weight * x in the model dtype.
-            x = _rnd(_rnd(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
-            xp = _rnd(_rnd(xp * r, DT, FIX_BF16) * wp, DT, FIX_BF16)
+            x = _round(_round(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
+            xp = _round(_round(xp * r, DT, FIX_BF16) * wp, DT, FIX_BF16)
         else:
             # Gemma-style: the weight is applied in fp32, one rounding at the end.
-            x = _rnd(x * r * w, DT, FIX_BF16)
-            xp = _rnd(xp * r * wp, DT, FIX_BF16)
+            x = _round(x * r * w, DT, FIX_BF16)
+            xp = _round(xp * r * wp, DT, FIX_BF16)
         return x, xp
 
     @triton.jit
@@ -52,7 +46,7 @@ if triton is not None:
               FIX_BF16: tl.constexpr):
         # HF: q * cos + rotate_half(q) * sin, each op in the model dtype (three roundings).
         rot = tl.where(d < HALF, -xp, xp)
-        y = _rnd(_rnd(x * cos, DT, FIX_BF16) + _rnd(rot * sin, DT, FIX_BF16), DT, FIX_BF16)
+        y = _round(_round(x * cos, DT, FIX_BF16) + _round(rot * sin, DT, FIX_BF16), DT, FIX_BF16)
         return tl.where(d < ROPE_DIM, y, x)
 
     @triton.jit
@@ -67,9 +61,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
         NORM_MODE: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        if USE_PDL:  # launched early by PDL: wait for the previous kernel before touching its outputs
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         hh = tl.program_id(1)
         DT = qo_ptr.dtype.element_ty
@@ -159,7 +151,7 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
         N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim, ROPE_DIM=rope_dim,
         BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_QNORM=q_norm_weight is not None, HAS_KNORM=k_norm_weight is not None,
-        NORM_MODE=int(norm_mode), FIX_BF16=BF16_RNE_FIX and q_out.dtype == torch.bfloat16,
+        NORM_MODE=int(norm_mode), FIX_BF16=BF16_RNE_FIX,
         num_warps=1 if head_dim <= 128 else 2, **pdl_launch_kwargs(qkv.device),
     )
 

@@ -47,10 +47,14 @@ def input_ids_of(args, kwargs):
     return x if isinstance(x, torch.Tensor) else None
 
 
-def input_shape(args, kwargs) -> tuple[int, int] | None:
+def input_tensor(args, kwargs):
+    """input_ids (or inputs), else inputs_embeds: what sizes the cache and must sit on the model's device."""
     x = input_ids_of(args, kwargs)
-    if x is None:
-        x = kwargs.get("inputs_embeds")
+    return x if x is not None else kwargs.get("inputs_embeds")
+
+
+def input_shape(args, kwargs) -> tuple[int, int] | None:
+    x = input_tensor(args, kwargs)
     if x is None or not hasattr(x, "shape") or x.dim() < 2:
         return None
     return int(x.shape[0]), int(x.shape[1])
@@ -82,8 +86,7 @@ def braid_generate(st, model, orig_generate, *args, **kwargs):
     shape = input_shape(args, kwargs)
     if why is None and shape is None:
         why = "no input_ids/inputs_embeds tensor to size the cache from"
-    x = input_ids_of(args, kwargs)
-    x = x if x is not None else kwargs.get("inputs_embeds")
+    x = input_tensor(args, kwargs)
     if why is None and isinstance(x, torch.Tensor) and x.device != st.decode.device:
         # stock warns and carries on (what it then does is HF's business); we never guess
         why = f"inputs are on {x.device}, the model on {st.decode.device}"
