@@ -20,8 +20,8 @@ from collections import defaultdict
 import torch
 
 import braid_backend
-from braid_backend.numerics import random_tokens
-from braid_backend.presets import build_model
+from braid_backend.testing.numerics import random_tokens
+from braid_backend.testing.presets import build_model
 
 
 def _time(fn, reps=5):

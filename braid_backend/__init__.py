@@ -4,8 +4,9 @@
     model.generate(...)                   # unchanged HF call
     braid_backend.unpatch(model)          # back to stock
 """
-from .api import BraidUnsupportedError, is_patched, patch, unpatch
+from .api import BraidUnsupportedError, is_patched, patch, status, unpatch
+from .options import PatchOptions
 from .report import PatchReport
 
-__all__ = ["patch", "unpatch", "is_patched", "PatchReport", "BraidUnsupportedError"]
+__all__ = ["patch", "unpatch", "is_patched", "status", "PatchOptions", "PatchReport", "BraidUnsupportedError"]
 __version__ = "0.1.0"

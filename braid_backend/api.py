@@ -1,17 +1,22 @@
-"""patch / unpatch / is_patched."""
+"""patch / unpatch / is_patched / status: the only code that changes the model instance."""
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 
+from .hf.forward import PatchedForward
+from .hf.generate import PatchedGenerate
 from .kernels._common import kernels_usable
+from .model.spec import ModelPlan, Unsupported, plan_model
+from .model.step import DecodeStep
+from .options import PatchOptions
 from .report import PatchReport
+from .session import PatchSession, Status
 
 log = logging.getLogger("braid_backend")
 
-DEFAULTS = dict(graphs=True, fast_generate=True, graph_steps=8, verify=False, strict=False)
+_ATTRS = ("forward", "generate", "_braid_session", "_braid_report")
 
 
 class BraidUnsupportedError(RuntimeError):
@@ -19,7 +24,13 @@ class BraidUnsupportedError(RuntimeError):
 
 
 def is_patched(model) -> bool:
-    return getattr(model, "_braid_state", None) is not None
+    return getattr(model, "_braid_session", None) is not None
+
+
+def status(model) -> Status | None:
+    """What the patch did so far (paths taken, counters, fallbacks); None when the model is not patched."""
+    s = getattr(model, "_braid_session", None)
+    return s.status if s is not None else None
 
 
 def _refuse(model, report: PatchReport, reason: str, strict: bool) -> PatchReport:
@@ -34,36 +45,38 @@ def _refuse(model, report: PatchReport, reason: str, strict: bool) -> PatchRepor
 def patch(model, **options) -> PatchReport:
     """Swap the decode-time work of an already-loaded HF causal LM for fused kernels.
 
-    Options: graphs (CUDA-graph decode, default True), fast_generate (device-side token loop for the
-    generate() settings it implements, default True), graph_steps (decode steps per host round-trip),
-    verify (compare a few decode steps with stock on first use), strict (raise instead of
-    leaving the model stock). Returns a PatchReport; idempotent."""
-    from .patches.model import PatchState
-    from .patches.spec import Unsupported, plan_model
-
+    Options (PatchOptions): graphs (CUDA-graph decode, default True), fast_generate (device-side token
+    loop for the generate() settings it implements, default True), graph_steps (decode steps per host
+    round-trip, 1-128, default 8), verify (compare a few decode steps with stock on first use), strict
+    (raise instead of leaving the model stock). Bad options raise TypeError/ValueError. Patching a
+    patched model with the same options returns its report; with other options it re-patches."""
+    opts = PatchOptions.from_kwargs(**options)
     if is_patched(model):
-        return model._braid_state.report
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"patch() got unknown options: {sorted(unknown)}")
-    opts = {**DEFAULTS, **options}
-    report = PatchReport(model=type(model).__name__, options={k: v for k, v in opts.items() if k != "strict"})
+        if model._braid_session.options == opts:
+            return model._braid_session.report
+        log.info("braid: re-patching %s with new options", type(model).__name__)
+        unpatch(model)
+    for attr in ("_braid_report",):   # a refusal's report from an earlier call
+        if attr in vars(model):
+            delattr(model, attr)
+    report = PatchReport(model=type(model).__name__, options={k: v for k, v in opts.to_dict().items() if k != "strict"})
     try:
         plan = plan_model(model)
     except Unsupported as e:
-        return _refuse(model, report, str(e), opts["strict"])
+        return _refuse(model, report, str(e), opts.strict)
     device = plan.lm_head.weight.device
     usable, why = kernels_usable(device)
     if not usable:
-        return _refuse(model, report, why, opts["strict"])
+        return _refuse(model, report, why, opts.strict)
     for attr in ("forward", "generate"):
         if attr in vars(model):
             return _refuse(model, report, f"model.{attr} is already replaced on the instance "
-                                          "(another library's hook?)", opts["strict"])
+                                          "(another library's hook?)", opts.strict)
     report.family = plan.spec.family
     views = _packed_views(model)
     try:
-        st = PatchState(model, plan, report, opts)
+        step = DecodeStep(plan)
+        session = PatchSession(model, step, report, opts)
         _fill_report(report, plan, opts, device)
     except Exception as e:  # a bug or an unforeseen module: never leave the weights half-packed
         log.debug("braid: patch failed", exc_info=True)
@@ -72,27 +85,12 @@ def patch(model, **options) -> PatchReport:
         report.stock.clear()
         report.family = None
         return _refuse(model, report, f"patching failed and was rolled back ({type(e).__name__}: {e})",
-                       opts["strict"])
-    orig_forward = type(model).forward.__get__(model)
-    orig_generate = type(model).generate.__get__(model)
-    st.orig_forward = orig_forward
-
-    def forward(self, *args, **kwargs):
-        if args:  # HF forwards take input_ids first positionally
-            kwargs["input_ids"] = args[0]
-            if len(args) > 1:
-                raise TypeError("braid-patched forward takes input_ids positionally and the rest by keyword")
-        return st.forward(self, orig_forward, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        from .patches.generate import braid_generate
-
-        return braid_generate(st, self, orig_generate, *args, **kwargs)
-
-    model.forward = types.MethodType(forward, model)
-    model.generate = types.MethodType(generate, model)
-    model._braid_state = st
-    model._braid_new_cache = lambda batch=1, length=256: st.new_cache(batch, length)
+                       opts.strict)
+    # Callables that hold the session, which holds the model only weakly: no reference cycle, so
+    # `del model` frees the weights, the caches and the graph pool at once.
+    model.forward = PatchedForward(session)
+    model.generate = PatchedGenerate(session)
+    model._braid_session = session
     log.info("braid: patched %s (%s, %d layers)", report.model, plan.spec.family, len(plan.layers))
     return report
 
@@ -116,7 +114,7 @@ def _rollback(model, views_before: set) -> None:
                 m._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
-def _fill_report(report: PatchReport, plan, opts, device) -> None:
+def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, device) -> None:
     p, spec = plan, plan.spec
 
     def names(*parts):  # module names as this family calls them (None: the family has no such norm)
@@ -140,21 +138,21 @@ def _fill_report(report: PatchReport, plan, opts, device) -> None:
     report.stock.append(("prefill (more than one new token per sequence)",
                          "stock HF modules (SDPA) writing into the braid static cache"))
     report.stock.append(("model.embed_tokens", "plain index_select (nothing to fuse)"))
-    if not (opts["graphs"] and device.type == "cuda"):
-        report.stock.append(("CUDA graphs", "off" if not opts["graphs"] else f"device is {device.type}"))
+    if not (opts.graphs and device.type == "cuda"):
+        report.stock.append(("CUDA graphs", "off" if not opts.graphs else f"device is {device.type}"))
+    for w in p.warnings:   # differences from the family's full math that stock shares (e.g. softcap)
+        log.warning("braid: %s", w)
+        report.events.append(w)
 
 
 def unpatch(model) -> None:
     """Restore the stock model: original forward/generate, separate weight tensors, no braid buffers."""
-    st = getattr(model, "_braid_state", None)
-    for attr in ("forward", "generate", "_braid_new_cache", "_braid_report"):
+    s = getattr(model, "_braid_session", None)
+    for attr in _ATTRS:
         if attr in vars(model):
             delattr(model, attr)
-    if st is None:
+    if s is None:
         return
-    with st.lock:
-        st.release()
-    model._braid_state = None
-    del model._braid_state
+    s.release()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

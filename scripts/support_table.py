@@ -3,7 +3,7 @@
     python scripts/support_table.py            # print + write docs/support.md and README's section
     python scripts/support_table.py --check    # exit 1 when either is out of date (CPU test)
 
-Everything in the table is derived from braid_backend.patches.spec (REGISTRY, REFUSED and the generic
+Everything in the table is derived from braid_backend.model.spec (REGISTRY, REFUSED and the generic
 checks), so a new spec row shows up here without touching this script.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from braid_backend.patches.spec import (  # noqa: E402
+from braid_backend.model.spec import (  # noqa: E402
     ACTS, REFUSED, REGISTRY, STATIC_ROPE_TYPES, SWITCHED_ROPE_TYPES, FamilySpec,
 )
 

@@ -16,7 +16,7 @@ import torch
 
 from braid_backend.bench import cli, report
 from braid_backend.bench.runner import model_facts
-from braid_backend.presets import build_model
+from braid_backend.testing.presets import build_model
 
 TINY = ["--model", "tiny", "--device", "cpu", "--prompt-len", "8", "--check-prompt-len", "8", "--check-steps", "1"]
 # crash sits between real variants: the ones after it must still run.

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import braid_backend
-from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
-from braid_backend.patches.spec import REFUSED, REGISTRY
-from braid_backend.presets import build_model
+from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
+from braid_backend.model.spec import REFUSED, REGISTRY
+from braid_backend.testing.presets import build_model
 
 # family -> tiny preset tested end to end here (the first four families: tests/test_patch_model.py)
 NEW_FAMILIES = {"gemma": "tiny-gemma", "gemma2": "tiny-gemma2", "gemma3": "tiny-gemma3", "phi3": "tiny-phi3",
@@ -101,7 +101,7 @@ def test_phi3_longrope_step_switches_factors_like_stock(device, monkeypatch):
 
 def test_stock_ignores_gemma2_softcap_under_sdpa_and_so_do_we(device):
     """transformers 5.17's sdpa silently drops attn_logit_softcapping; the plan mirrors the stock model."""
-    from braid_backend.patches.spec import plan_model
+    from braid_backend.model.spec import plan_model
 
     model = build_model("tiny-gemma2", dtype=torch.float32, device=device)
     assert all(lp.softcap == 3.0 for lp in plan_model(model).layers)
@@ -111,7 +111,7 @@ def test_stock_ignores_gemma2_softcap_under_sdpa_and_so_do_we(device):
 
 
 def test_gemma_embed_scale_is_rounded_to_the_dtype():
-    from braid_backend.patches.spec import plan_model
+    from braid_backend.model.spec import plan_model
 
     model = build_model("tiny-gemma", dtype=torch.bfloat16)
     scale = plan_model(model).embed_scale

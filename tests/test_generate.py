@@ -10,7 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 import braid_backend
-from braid_backend.presets import build_model
+from braid_backend.testing.presets import build_model
 
 
 class Collect(BaseStreamer):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import braid_backend
-from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
-from braid_backend.presets import build_model
+from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
+from braid_backend.testing.presets import build_model
 
 pytestmark = pytest.mark.gpu
 CONTEXTS = (1, 300, 4000)

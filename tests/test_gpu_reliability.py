@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import braid_backend
-from braid_backend.presets import build_model
+from braid_backend.testing.presets import build_model
 
 from test_reliability import gen, outcome, same, toks  # noqa: E402,F401  (tests/ is on sys.path under pytest)
 

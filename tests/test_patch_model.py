@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import braid_backend
-from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
-from braid_backend.presets import build_model
+from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
+from braid_backend.testing.presets import build_model
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 
@@ -103,7 +103,7 @@ def test_plain_forward_creates_braid_cache(device):
     braid_backend.patch(model)
     with torch.no_grad():
         out = model(ids[:, :5], use_cache=True)
-        from braid_backend.runtime.hf_compat import cache_kwarg_name, output_cache
+        from braid_backend.hf.compat import cache_kwarg_name, output_cache
         cache = output_cache(out)
         assert type(cache).__name__ == "BraidCache"
         step = model(ids[:, 5:], **{cache_kwarg_name(model): cache}, use_cache=True)

@@ -20,8 +20,8 @@ from torch import nn  # noqa: E402
 
 import braid_backend  # noqa: E402
 from braid_backend import BraidUnsupportedError  # noqa: E402
-from braid_backend.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits  # noqa: E402
-from braid_backend.presets import build_model  # noqa: E402
+from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits  # noqa: E402
+from braid_backend.testing.presets import build_model  # noqa: E402
 
 ON_GPU = bool(os.environ.get("BRAID_GPU_TESTS")) and torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(ON_GPU, reason="CPU-side simulation (interpreter / fake graph runner)")
@@ -252,7 +252,7 @@ def test_cast_mid_sequence_is_a_clear_error_and_training_runs_stock(device):
     model.eval()
     ref.eval()
     # a sequence whose braid cache was filled in fp32 cannot continue once the model is fp16
-    from braid_backend.runtime.hf_compat import cache_kwarg_name, output_cache
+    from braid_backend.hf.compat import cache_kwarg_name, output_cache
 
     with torch.no_grad():
         cache = output_cache(model(ids[:, :5], use_cache=True))

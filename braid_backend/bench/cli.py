@@ -88,7 +88,7 @@ def _variant_list(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..presets import ALL_PRESETS
+    from ..testing.presets import ALL_PRESETS
 
     p = argparse.ArgumentParser(
         prog="braid-bench",
@@ -131,7 +131,7 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
     """Fill device-dependent defaults and check what argparse can't; returns (settings, notes)."""
     import torch
 
-    from ..presets import ALL_PRESETS, PRESETS
+    from ..testing.presets import ALL_PRESETS, PRESETS
 
     notes = []
     if args.device == "auto":

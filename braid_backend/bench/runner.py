@@ -218,7 +218,7 @@ def time_batch(model, prompt, spec: dict, extra: dict, timer: Timer, label: str)
 # ----------------------------------------------------------------------------------- correctness
 
 def check_inputs(vocab, b, spec, device):
-    from ..numerics import random_tokens
+    from ..testing.numerics import random_tokens
 
     ids = random_tokens(vocab, b, spec["check_prompt_len"] + spec["check_steps"], spec["seed"] + 7919 + b, device)
     return ids[:, :spec["check_prompt_len"]], ids[:, spec["check_prompt_len"]:]
@@ -226,7 +226,7 @@ def check_inputs(vocab, b, spec, device):
 
 def stock_check(model, vocab, b, spec, device) -> dict:
     """fp32 reference and the stock model's own error, before any patching."""
-    from ..numerics import fp32_reference_logits, rel_err, teacher_forced_logits
+    from ..testing.numerics import fp32_reference_logits, rel_err, teacher_forced_logits
 
     prompt, cont = check_inputs(vocab, b, spec, device)
     ref = fp32_reference_logits(model, prompt, cont).cpu()
@@ -236,7 +236,7 @@ def stock_check(model, vocab, b, spec, device) -> dict:
 
 
 def finish_check(model, vocab, chk: dict, spec, device, patched: bool) -> dict:
-    from ..numerics import rel_err, teacher_forced_logits
+    from ..testing.numerics import rel_err, teacher_forced_logits
 
     ref = chk.pop("_ref")
     if patched:
@@ -256,8 +256,8 @@ def finish_check(model, vocab, chk: dict, spec, device, patched: bool) -> dict:
 def run_variant(spec: dict, emit: Emitter) -> None:
     import torch
 
-    from ..numerics import random_tokens
-    from ..presets import load_model
+    from ..testing.numerics import random_tokens
+    from ..testing.presets import load_model
 
     variant = spec["variant"]
     torch.set_grad_enabled(False)

@@ -1,6 +1,9 @@
-"""Shared helpers for the Triton kernels. No transformers import here (ops layer)."""
+"""What every kernel file shares, imported openly: Triton availability, the interpreter switches, the
+bf16 rounding of HF's cast points, the RMSNorm arithmetic (kernel side and torch reference), the SM
+count and programmatic dependent launch. No transformers import here (ops layer)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -48,12 +51,91 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def round_to(v, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
+        """fp32 -> DTYPE -> fp32: the rounding the stock model applies when it materialises a tensor."""
+        out = v
+        if DTYPE != tl.float32:
+            if BF16_FIX:
+                if DTYPE == tl.bfloat16:
+                    out = rne_bf16(v)
+                else:
+                    out = v.to(DTYPE).to(tl.float32)
+            else:
+                out = v.to(DTYPE).to(tl.float32)
+        return out
+
+    @triton.jit
+    def apply_norm(xf, r, wf, NORM_MODE: tl.constexpr, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
+        """xf: fp32 activations, r: broadcastable rsqrt statistic, wf: fp32 (weight + offset).
+        Returns the normalised activations as fp32 holding DTYPE-representable values
+        (`norm_reference` below is the same arithmetic in torch)."""
+        if NORM_MODE == 0:
+            # HF casts the normalised fp32 hidden back to the input dtype *before* the weight multiply.
+            h = round_to(xf * r, DTYPE, BF16_FIX) * wf
+        else:
+            h = xf * r * wf
+        return round_to(h, DTYPE, BF16_FIX)
+
+    @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
         """First thing a kernel launched by PDL does before touching anything an earlier kernel wrote
         (see pdl_enabled): wait for the previous kernel, then let the next one launch."""
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+
+# Intermediate bf16 roundings (HF's cast points) are done by hand, with integer ops, everywhere:
+# - the Triton interpreter converts fp32 -> bf16 by truncation where torch rounds to nearest even;
+# - on the H100 (triton 3.6) the rope kernel's x.to(bf16).to(fp32) round trips did not round like
+#   torch (1-ulp differences in ~5% of elements, cast-point test failed): the compiler may fold the
+#   round trip and contract the mul/add around it. Integer rounding cannot be folded away.
+BF16_RNE_FIX = True
+
+
+def check_norm_mode(norm_mode: int) -> None:
+    if norm_mode not in (0, 1):
+        raise ValueError(f"norm_mode must be 0 (Llama-style) or 1 (Gemma-style), got {norm_mode!r}")
+
+
+def norm_reference(s: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: int,
+                   norm_offset: float) -> torch.Tensor:
+    """RMSNorm over the last dim with HF's cast points (s already in its dtype; returns s.dtype):
+    r = rsqrt(mean(s_f32^2) + eps); mode 0 (Llama/Qwen): rnd(rnd(s_f32 * r) * (w_f32 + offset));
+    mode 1 (Gemma, OLMo2): rnd(s_f32 * r * (w_f32 + offset))."""
+    check_norm_mode(norm_mode)
+    dt = s.dtype
+    sf = s.float()
+    r = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    wf = weight.float() + norm_offset
+    if norm_mode == 0:
+        h = (sf * r).to(dt).float() * wf
+    else:
+        h = sf * r * wf
+    return h.to(dt)
+
+
+def require(cond: bool, msg: str) -> None:
+    """Argument check that survives `python -O` (unlike assert)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+# Under the interpreter every program is a Python loop: few programs keep the CPU tests fast.
+CPU_NUM_SMS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device; CPU_NUM_SMS elsewhere (the interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_NUM_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def kernels_usable(device: torch.device) -> tuple[bool, str]:

@@ -13,11 +13,9 @@ kv_len write an empty partial (m=-inf, l=0, acc=0).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._common import DOT_UPCAST, interpret_mode, next_pow2, pdl_launch_kwargs, triton, tl
+from ._common import DOT_UPCAST, interpret_mode, next_pow2, num_sms, pdl_launch_kwargs, require, triton, tl
 
 if triton is not None:
     from ._common import pdl_wait
@@ -28,7 +26,6 @@ if triton is not None:
 # splits 4.7 us vs 1 split 11.3 us); the partial write is ~2 KB per (token, kv head, split).
 MIN_SPLIT_LEN = 64
 MAX_SPLITS = 128
-
 
 if triton is not None:
 
@@ -163,25 +160,18 @@ if triton is not None:
             o = _rne_bf16(o)
         tl.store(out_ptr + b * stride_om + h * HEAD_DIM + d, o.to(DT), mask=dmask)
 
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_num_splits(M: int, n_kv_heads: int, S_max: int, num_sms: int = 132) -> int:
+def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
     """Splits per (token, kv head): a pure function of shapes, so graph-safe.
 
-    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * num_sms) so that batch-1 decode of a
+    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * sms) so that batch-1 decode of a
     long cache is not served by 2 programs, but never more splits than the cache has MIN_SPLIT_LEN-position
     pieces; caches shorter than two pieces get 1 split and skip the combine kernel."""
     max_splits = min(MAX_SPLITS, S_max // MIN_SPLIT_LEN)
     if max_splits <= 1:
         return 1
     programs = max(1, M * n_kv_heads)
-    want = -(-2 * num_sms // programs)
+    want = -(-2 * sms // programs)
     return max(1, min(max_splits, want))
-
 
 def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, device) -> tuple:
     """fp32 partials for `num_splits` > 1: (m (M, H, S) log2-domain running max, l (M, H, S) softmax
@@ -191,12 +181,10 @@ def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, de
     acc = torch.empty(M, n_heads, num_splits, head_dim, dtype=torch.float32, device=device)
     return m, l, acc
 
-
 def _block_s(block_d: int) -> int:
     # 64 positions x 128 dims of bf16 K and V = 32 KB per iteration: enough bytes in flight per
     # program without spilling the fp32 accumulator of a 16-row group.
     return 64 if block_d <= 128 else 32
-
 
 def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0, window=0,
                      num_splits=None, workspace=None) -> torch.Tensor:
@@ -204,37 +192,40 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
 
     Attended: p < kv_lens[b], valid[b, p] != 0, and p >= kv_lens[b] - window when window > 0.
     Rows with no attended position give 0. See `decode_attention_reference` for the numerics."""
+    require(q.dim() == 3 and k_cache.dim() == 4, "q must be (M, H, D) and the caches (B, KV, S, D)")
     M, n_heads, head_dim = q.shape
     B_max, n_kv, S_max, hd_k = k_cache.shape
-    assert hd_k == head_dim and v_cache.shape == k_cache.shape and B_max >= M
-    assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    assert valid.dim() == 2 and valid.shape[0] >= M and valid.shape[1] >= S_max and valid.stride(1) == 1
-    assert kv_lens.shape[0] >= M
+    require(hd_k == head_dim and v_cache.shape == k_cache.shape and B_max >= M,
+            f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+    require(n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads")
+    require(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1,
+            "q and the caches need a unit last stride")
+    require(valid.dim() == 2 and valid.shape[0] >= M and valid.shape[1] >= S_max and valid.stride(1) == 1,
+            f"valid must be (>= {M}, >= {S_max}) with a unit last stride, got {tuple(valid.shape)}")
+    require(kv_lens.shape[0] >= M, "kv_lens needs a row per token")
     if valid.dtype == torch.bool:
         valid = valid.view(torch.int8)  # same bytes; keeps the pointer type a plain int8
     G = n_heads // n_kv
     if out is None:
         out = torch.empty(M, n_heads * head_dim, dtype=q.dtype, device=q.device)
-    assert out.shape[0] >= M and out.shape[1] == n_heads * head_dim and out.stride(1) == 1
-    assert out.dtype == q.dtype
+    require(out.shape[0] >= M and out.shape[1] == n_heads * head_dim and out.stride(1) == 1 and out.dtype == q.dtype,
+            f"out must be (>= {M}, {n_heads * head_dim}) of {q.dtype} with a unit last stride")
     if M == 0:
         return out
     if num_splits is None:
-        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-            if q.device.type == "cuda" else 132
-        num_splits = default_num_splits(M, n_kv, S_max, sms)
+        num_splits = default_num_splits(M, n_kv, S_max, num_sms(q.device))
     num_splits = int(num_splits)
-    assert num_splits >= 1
+    require(num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
 
     if num_splits > 1:
         if workspace is None:
             workspace = attention_workspace(M, n_heads, head_dim, num_splits, q.device)
         wm, wl, wacc = workspace
-        assert wm.shape[0] >= M and tuple(wm.shape[1:]) == (n_heads, num_splits) and wm.stride(2) == 1
-        assert wl.stride() == wm.stride() and wl.shape == wm.shape
-        assert wacc.shape[0] >= M and tuple(wacc.shape[1:]) == (n_heads, num_splits, head_dim)
-        assert wacc.stride(3) == 1 and wm.dtype == wl.dtype == wacc.dtype == torch.float32
+        require(wm.shape[0] >= M and tuple(wm.shape[1:]) == (n_heads, num_splits) and wm.stride(2) == 1
+                and wl.stride() == wm.stride() and wl.shape == wm.shape
+                and wacc.shape[0] >= M and tuple(wacc.shape[1:]) == (n_heads, num_splits, head_dim)
+                and wacc.stride(3) == 1 and wm.dtype == wl.dtype == wacc.dtype == torch.float32,
+                "workspace does not match attention_workspace(M, n_heads, head_dim, num_splits)")
         ws_strides = (wm.stride(0), wm.stride(1), wacc.stride(0), wacc.stride(1), wacc.stride(2))
     else:
         wm = wl = wacc = out  # never touched with one split
@@ -266,7 +257,6 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
             num_warps=2 if block_d * num_splits <= 4096 else 4, **pdl,
         )
     return out
-
 
 # ----------------------------------------------------------------------------- torch reference
 

@@ -19,12 +19,12 @@ import functools
 
 import torch
 
-from ._common import DOT_UPCAST, next_pow2, pdl_launch_kwargs, tl, triton
-from .rmsnorm import BF16_RNE_FIX, _check_mode, norm_reference
+from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, next_pow2, norm_reference, num_sms,
+                      pdl_launch_kwargs, tl, triton)
 
 if triton is not None:
     from ._common import pdl_wait
-    from .rmsnorm import _apply_norm, _round
+    from ._common import apply_norm, round_to
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
@@ -51,19 +51,19 @@ if triton is not None:
         y = acc_g
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y = _round(y, DT, BF16_FIX)
+        y = round_to(y, DT, BF16_FIX)
         if ACT != 0:
             u = acc_u
             if HAS_BIAS:
                 u += tl.load(b_ptr + N_OUT + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            u = _round(u, DT, BF16_FIX)
-            y = _round(_round(_act(y, ACT), DT, BF16_FIX) * u, DT, BF16_FIX)
+            u = round_to(u, DT, BF16_FIX)
+            y = round_to(round_to(_act(y, ACT), DT, BF16_FIX) * u, DT, BF16_FIX)
         rows = offs_m.to(tl.int64)[:, None]
         if HAS_RES:
             # Aliasing: `out` may be `residual`. Each element is loaded here and stored below by the
             # same program with the same offsets, and no other program touches it: in-place is safe.
             res = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-            y = _round(res.to(tl.float32) + y, DT, BF16_FIX)
+            y = round_to(res.to(tl.float32) + y, DT, BF16_FIX)
         tl.store(out_ptr + rows * stride_om + offs_n[None, :], y.to(DT), mask=mask)
 
     @triton.jit
@@ -89,7 +89,7 @@ if triton is not None:
         h = tl.load(x_rows + k3, mask=mask_m3 & mk3, other=0.0).to(tl.float32)
         if HAS_NORM:
             wf = tl.load(nw_ptr + k3, mask=mk3, other=0.0).to(tl.float32) + norm_offset
-            h = _apply_norm(h, r[:, None, None], wf, NORM_MODE, DT, BF16_FIX)
+            h = apply_norm(h, r[:, None, None], wf, NORM_MODE, DT, BF16_FIX)
         acc_g += h * wg.to(tl.float32)
         if ACT != 0:
             acc_u += h * wu.to(tl.float32)
@@ -175,7 +175,7 @@ if triton is not None:
             h = tl.load(x_rows + k[None, :], mask=mask_m & mk[None, :], other=0.0)
             if HAS_NORM:
                 wf = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)[None, :] + norm_offset
-                h = _apply_norm(h.to(tl.float32), r, wf, NORM_MODE, DT, BF16_FIX).to(DT)
+                h = apply_norm(h.to(tl.float32), r, wf, NORM_MODE, DT, BF16_FIX).to(DT)
             wg = tl.load(w_cols + k[:, None], mask=mask_n & mk[:, None], other=0.0)
             if DOT_UPCAST:  # interpreter: bf16 tl.dot is broken there; values are exact in fp32
                 h = h.to(tl.float32)
@@ -197,13 +197,6 @@ if triton is not None:
 
 
 # -------------------------------------------------------------------------------------- heuristics
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def _prev_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
@@ -217,7 +210,7 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     """Launch parameters from shapes/dtype/device only (never tensor values: CUDA-graph safe).
 
     GPU numbers are the H100 sweep of 2026-11-25 (PDL on; benchmarks/results/2026-11-25-h100/)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if path is None:
         path = "gemv" if M <= GEMV_MAX_M else "tc"
     if device.type == "cpu":
@@ -280,7 +273,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
-    _check_mode(norm_mode)
+    check_norm_mode(norm_mode)
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError("x must be (M, K) and weight (N, K)")
     M, K = x.shape

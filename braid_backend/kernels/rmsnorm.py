@@ -1,5 +1,4 @@
-"""RMSNorm (optionally fused with the residual add that precedes it), plus the norm helpers that
-fused_gemv.py reuses for its prologue.
+"""RMSNorm (optionally fused with the residual add that precedes it).
 
 Cast points follow Hugging Face exactly; `rmsnorm_reference` is the specification:
   s  = rnd(x_f32 + residual_f32)               (HF: `residual + hidden` in the model dtype)
@@ -14,53 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import next_pow2, pdl_launch_kwargs, tl, triton
+from ._common import BF16_RNE_FIX, check_norm_mode, next_pow2, norm_reference, pdl_launch_kwargs, tl, triton
 
 if triton is not None:
-    from ._common import pdl_wait, rne_bf16
-
-# Intermediate bf16 roundings (HF's cast points) are done by hand, with integer ops, everywhere:
-# - the Triton interpreter converts fp32 -> bf16 by truncation where torch rounds to nearest even;
-# - on the H100 (triton 3.6) the rope kernel's x.to(bf16).to(fp32) round trips did not round like
-#   torch (1-ulp differences in ~5% of elements, cast-point test failed): the compiler may fold the
-#   round trip and contract the mul/add around it. Integer rounding cannot be folded away.
-BF16_RNE_FIX = True
+    from ._common import apply_norm, pdl_wait, round_to
 
 MAX_BLOCK_K = 4096  # longer rows are processed in chunks
 
 
-def _check_mode(norm_mode: int) -> None:
-    if norm_mode not in (0, 1):
-        raise ValueError(f"norm_mode must be 0 (Llama-style) or 1 (Gemma-style), got {norm_mode!r}")
-
-
 # ----------------------------------------------------------------------------------------- kernels
 if triton is not None:
-
-    @triton.jit
-    def _round(v, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
-        """fp32 -> DTYPE -> fp32: the rounding the stock model applies when it materialises a tensor."""
-        out = v
-        if DTYPE != tl.float32:
-            if BF16_FIX:
-                if DTYPE == tl.bfloat16:
-                    out = rne_bf16(v)
-                else:
-                    out = v.to(DTYPE).to(tl.float32)
-            else:
-                out = v.to(DTYPE).to(tl.float32)
-        return out
-
-    @triton.jit
-    def _apply_norm(xf, r, wf, NORM_MODE: tl.constexpr, DTYPE: tl.constexpr, BF16_FIX: tl.constexpr):
-        """xf: fp32 activations, r: broadcastable rsqrt statistic, wf: fp32 (weight + offset).
-        Returns the normalised activations as fp32 holding DTYPE-representable values."""
-        if NORM_MODE == 0:
-            # HF casts the normalised fp32 hidden back to the input dtype *before* the weight multiply.
-            h = _round(xf * r, DTYPE, BF16_FIX) * wf
-        else:
-            h = xf * r * wf
-        return _round(h, DTYPE, BF16_FIX)
 
     @triton.jit
     def _rmsnorm_kernel(
@@ -86,7 +48,7 @@ if triton is not None:
             mk = k < K
             s = tl.load(x_row + k, mask=mk, other=0.0).to(tl.float32)
             if HAS_RES:
-                s = _round(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
+                s = round_to(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
             ss += s * s
         r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
 
@@ -98,10 +60,10 @@ if triton is not None:
             mk = k < K
             s = tl.load(x_row + k, mask=mk, other=0.0).to(tl.float32)
             if HAS_RES:
-                s = _round(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
+                s = round_to(s + tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32), DT, BF16_FIX)
                 tl.store(r_row + k, s.to(DT), mask=mk)
             wf = tl.load(w_ptr + k, mask=mk, other=0.0).to(tl.float32) + norm_offset
-            h = _apply_norm(s, r, wf, NORM_MODE, DT, BF16_FIX)
+            h = apply_norm(s, r, wf, NORM_MODE, DT, BF16_FIX)
             tl.store(o_row + k, h.to(DT), mask=mk)
 
 
@@ -112,7 +74,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
     """RMSNorm of x (M, K) rows, see the module docstring. With `residual` (M, K), s = x + residual
     is written back into `residual` (the new residual stream) and s is normalised.
     `out` may be x itself (in place), never `residual`. No host sync, no allocation if `out` given."""
-    _check_mode(norm_mode)
+    check_norm_mode(norm_mode)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     M, K = x.shape
@@ -147,21 +109,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
 
 
 # --------------------------------------------------------------------------------------- reference
-def norm_reference(s: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: int,
-                   norm_offset: float) -> torch.Tensor:
-    """The normalisation alone (s already in its dtype); returns a tensor of s.dtype."""
-    _check_mode(norm_mode)
-    dt = s.dtype
-    sf = s.float()
-    r = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
-    wf = weight.float() + norm_offset
-    if norm_mode == 0:
-        h = (sf * r).to(dt).float() * wf
-    else:
-        h = sf * r * wf
-    return h.to(dt)
-
-
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
                       norm_offset: float = 0.0, residual: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import next_pow2, pdl_launch_kwargs, triton, tl
-from .rmsnorm import BF16_RNE_FIX
+from ._common import BF16_RNE_FIX, check_norm_mode, next_pow2, norm_reference, pdl_launch_kwargs, require, triton, tl
 
 if triton is not None:
-    from ._common import pdl_wait
-    from .rmsnorm import _round
+    from ._common import pdl_wait, round_to
 
 
 if triton is not None:
@@ -33,12 +31,12 @@ if triton is not None:
         wp = tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset
         if NORM_MODE == 0:
             # Llama/Qwen3 RMSNorm: normalise in fp32, round, then weight * x in the model dtype.
-            x = _round(_round(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
-            xp = _round(_round(xp * r, DT, FIX_BF16) * wp, DT, FIX_BF16)
+            x = round_to(round_to(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
+            xp = round_to(round_to(xp * r, DT, FIX_BF16) * wp, DT, FIX_BF16)
         else:
             # Gemma-style: the weight is applied in fp32, one rounding at the end.
-            x = _round(x * r * w, DT, FIX_BF16)
-            xp = _round(xp * r * wp, DT, FIX_BF16)
+            x = round_to(x * r * w, DT, FIX_BF16)
+            xp = round_to(xp * r * wp, DT, FIX_BF16)
         return x, xp
 
     @triton.jit
@@ -46,7 +44,7 @@ if triton is not None:
               FIX_BF16: tl.constexpr):
         # HF: q * cos + rotate_half(q) * sin, each op in the model dtype (three roundings).
         rot = tl.where(d < HALF, -xp, xp)
-        y = _round(_round(x * cos, DT, FIX_BF16) + _round(rot * sin, DT, FIX_BF16), DT, FIX_BF16)
+        y = round_to(round_to(x * cos, DT, FIX_BF16) + round_to(rot * sin, DT, FIX_BF16), DT, FIX_BF16)
         return tl.where(d < ROPE_DIM, y, x)
 
     @triton.jit
@@ -111,16 +109,20 @@ def _check(qkv, cos, sin, positions, slots, k_cache, v_cache, q_out, n_heads, n_
            rope_dim, norm_mode):
     M = qkv.shape[0]
     width = (n_heads + 2 * n_kv_heads) * head_dim
-    assert qkv.dim() == 2 and qkv.shape[1] >= width and qkv.stride(1) == 1, "qkv must be (M, >=width) with unit last stride"
-    assert cos.dim() == 2 and cos.shape[1] >= rope_dim and cos.stride(1) == 1, "cos must be (max_pos, rope_dim)"
-    assert sin.dim() == 2 and sin.shape[1] >= rope_dim and sin.stride(1) == 1, "sin must be (max_pos, rope_dim)"
-    assert rope_dim % 2 == 0 and 0 < rope_dim <= head_dim, "rope_dim must be even and <= head_dim"
-    assert positions.shape[0] >= M and slots.shape[0] >= M
-    for c in (k_cache, v_cache):
-        assert c.dim() == 4 and c.shape[0] >= M and c.shape[1] == n_kv_heads and c.shape[3] == head_dim
-        assert c.stride(3) == 1, "cache must have a unit last stride"
-    assert q_out.shape[0] >= M and q_out.shape[1] == n_heads and q_out.shape[2] == head_dim and q_out.stride(2) == 1
-    assert norm_mode in (0, 1)
+    require(qkv.dim() == 2 and qkv.shape[1] >= width and qkv.stride(1) == 1,
+            f"qkv must be (M, >= {width}) with a unit last stride, got {tuple(qkv.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        require(t.dim() == 2 and t.shape[1] >= rope_dim and t.stride(1) == 1,
+                f"{name} must be (max_pos, >= {rope_dim}) with a unit last stride, got {tuple(t.shape)}")
+    require(rope_dim % 2 == 0 and 0 < rope_dim <= head_dim, f"rope_dim must be even and <= head_dim, got {rope_dim}")
+    require(positions.shape[0] >= M and slots.shape[0] >= M, "positions and slots need a row per token")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        require(c.dim() == 4 and c.shape[0] >= M and c.shape[1] == n_kv_heads and c.shape[3] == head_dim
+                and c.stride(3) == 1,
+                f"{name} must be (>= {M}, {n_kv_heads}, S, {head_dim}) with a unit last stride, got {tuple(c.shape)}")
+    require(q_out.dim() == 3 and q_out.shape[0] >= M and q_out.shape[1] == n_heads and q_out.shape[2] == head_dim
+            and q_out.stride(2) == 1, f"q_out must be (>= {M}, {n_heads}, {head_dim}), got {tuple(q_out.shape)}")
+    check_norm_mode(norm_mode)
 
 
 def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_out, *, n_heads, n_kv_heads,
@@ -158,16 +160,6 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
 
 # ----------------------------------------------------------------------------- torch reference
 
-def _norm_reference(x, w, eps, mode, offset):
-    dt = x.dtype
-    xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    wf = w.float() + offset
-    if mode == 0:
-        return ((xf * r).to(dt).float() * wf).to(dt)
-    return (xf * r * wf).to(dt)
-
-
 def _rope_reference(x, cos, sin, rope_dim):
     # x: (M, heads, head_dim) in the model dtype; cos/sin: (M, rope_dim) in the model dtype.
     # Exactly HF's apply_rotary_pos_emb (+ pass-through of dims >= rope_dim as in partial-rotary models).
@@ -198,9 +190,9 @@ def rope_qkv_cache_write_reference(qkv, cos, sin, positions, slots, k_cache, v_c
     k = x[:, n_heads:n_heads + n_kv_heads]
     v = x[:, n_heads + n_kv_heads:]
     if q_norm_weight is not None:
-        q = _norm_reference(q, q_norm_weight, eps, norm_mode, norm_offset)
+        q = norm_reference(q, q_norm_weight, eps, norm_mode, norm_offset)
     if k_norm_weight is not None:
-        k = _norm_reference(k, k_norm_weight, eps, norm_mode, norm_offset)
+        k = norm_reference(k, k_norm_weight, eps, norm_mode, norm_offset)
     pos = positions[:M].long()
     c, s = cos[pos], sin[pos]
     q = _rope_reference(q.to(dt), c, s, rope_dim)

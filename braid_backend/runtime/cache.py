@@ -8,16 +8,27 @@ keys/values in place and returns the filled prefix, so from HF's side it behaves
 """
 from __future__ import annotations
 
-import weakref
-
 import itertools
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+LEN_ROUND = 256          # cache lengths are rounded so that buffers and graphs are reused across prompts
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def round_up(n: int, m: int) -> int:
     return -(-int(n) // m) * m
+
+
+def batch_bucket(b: int) -> int:
+    """The batch size a cache and its graphs are made for: the next bucket at or above b."""
+    for size in BATCH_BUCKETS:
+        if b <= size:
+            return size
+    return round_up(b, BATCH_BUCKETS[-1])
 
 
 class CacheTooSmall(RuntimeError):
@@ -87,6 +98,7 @@ class BraidCache(Cache):
 
     def __init__(self, num_layers: int, batch_capacity: int, n_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device, owner_id: int = 0):
+        # owner_id: the serial of the PatchSession that made it (0: none), so a session recognises its own
         self.num_layers, self.batch_capacity = num_layers, batch_capacity
         self.n_kv_heads, self.head_dim, self.max_len = n_kv_heads, head_dim, max_len
         self.dtype, self.device_ = dtype, torch.device(device)
@@ -137,9 +149,6 @@ class BraidCache(Cache):
         for i, layer in enumerate(self.layers):
             layer.keys, layer.values = self.k[i], self.v[i]
         self.version += 1
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.valid.numel()
 
     def release(self) -> None:
         self.k.clear()

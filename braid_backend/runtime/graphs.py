@@ -1,54 +1,88 @@
-"""CUDA-graph capture and replay of the fused decode step.
+"""CUDA-graph capture and replay of a DecodeStep.
 
-One graph per (batch bucket, steps per graph, cache buffers); all graphs share one memory pool and
-each has its own static DecodeBuffers, so replays never allocate. A bucket's graph is captured the
-first time it is needed (warm-up on a side stream first, which also compiles the Triton kernels) and
-re-captured only when the cache buffers are re-allocated (growth, new dtype/size).
+One graph per GraphKey (batch bucket, cache buffers, what the body does); all graphs share one memory
+pool and each has its own static StepBuffers, so replays never allocate. A graph is captured the first
+time it is needed (warm-up on a side stream first, which also compiles the Triton kernels) and again
+only when the cache buffers are re-allocated (growth, new dtype/size).
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 
-from ..patches.decode import DecodeBuffers
+from .interface import DecodeStep, StepBuffers, fill_inputs
 
 log = logging.getLogger("braid_backend")
 
 
+class GraphCaptureFailed(RuntimeError):
+    """A CUDA-graph capture raised; the runner's owner has been told (on_failure) before this."""
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    bucket: int           # rows of the graph's buffers
+    cache_serial: int     # BraidCache.serial: unique per cache for the process's life
+    cache_version: int    # bumped when the cache re-allocates its buffers
+    max_len: int
+    tag: Hashable         # what the body runs: "hf-step", or ("fast", K, SelectConfig)
+
+    @classmethod
+    def of(cls, bucket: int, cache, tag: Hashable) -> "GraphKey":
+        return cls(bucket, cache.serial, cache.version, cache.max_len, tag)
+
+
+@dataclass
 class CapturedStep:
-    def __init__(self, graph, bufs: DecodeBuffers, body_out):
-        self.graph, self.bufs, self.out = graph, bufs, body_out
+    graph: torch.cuda.CUDAGraph
+    bufs: StepBuffers
+    out: object           # what the body returned during capture: static tensors that replays refill
 
 
 class GraphRunner:
-    def __init__(self, st):
-        self.st = st
+    """Captures and replays bodies that run a DecodeStep on static buffers.
+
+    on_failure(exc) is called when a capture raises (out of memory, an op that cannot be captured);
+    the runner then raises GraphCaptureFailed so the caller can run the same work without graphs."""
+
+    def __init__(self, step: DecodeStep, on_failure: Callable[[BaseException], None] | None = None):
+        self.step = step
+        self.on_failure = on_failure
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, CapturedStep] = {}
+        self.graphs: dict[GraphKey, CapturedStep] = {}
         self.captures = 0
-        self.capture_s = 0.0
 
     def release(self) -> None:
         self.graphs.clear()
 
-    def _key(self, bucket: int, cache, tag) -> tuple:
-        return (bucket, cache.serial, cache.version, cache.max_len, tag)
+    def forget(self, cache_serial: int) -> None:
+        """Drop every graph captured on that cache (it is gone or re-allocated)."""
+        for k in [k for k in self.graphs if k.cache_serial == cache_serial]:
+            del self.graphs[k]
 
-    def capture(self, bucket: int, cache, tag, body, warm_slots: int = 1) -> CapturedStep:
-        """Capture `body(bufs)` for this bucket; `body` runs one or more decode steps on the buffers."""
-        key = self._key(bucket, cache, tag)
+    def capture(self, key: GraphKey, cache, body, warm_slots: int = 1) -> CapturedStep:
+        """Capture `body(bufs)` (one or more decode steps on the buffers) under `key`, once."""
         got = self.graphs.get(key)
         if got is not None:
             return got
-        # drop graphs of buffers that no longer exist (cache re-allocated)
-        for k in [k for k in self.graphs if k[1] == cache.serial and k[2] != cache.version]:
+        try:
+            return self._capture(key, cache, body, warm_slots)
+        except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure(e)
+            raise GraphCaptureFailed(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
+
+    def _capture(self, key: GraphKey, cache, body, warm_slots: int) -> CapturedStep:
+        # graphs of this cache's older buffers can never replay again
+        for k in [k for k in self.graphs if k.cache_serial == key.cache_serial and k.cache_version != key.cache_version]:
             del self.graphs[k]
         t0 = time.perf_counter()
-        st = self.st
-        st.decode.ensure_rope_table(cache.max_len)
-        bufs = DecodeBuffers(st.decode, bucket, cache.max_len)
+        self.step.prepare(cache.max_len)
+        bufs = self.step.new_buffers(key.bucket, cache.max_len)
         # Warm-up and capture write k/v at bufs.slots (advancing by one per step for multi-step
         # bodies): point them at the last warm_slots slots, which callers keep beyond any position in
         # use and which are overwritten for real when reached; kv_lens=1 reads only slot 0.
@@ -59,49 +93,30 @@ class GraphRunner:
             bufs.kv_lens.fill_(1)
             bufs.pos.zero_()
 
-        saved_valid = cache.valid[:bucket, first:].clone()
+        saved_valid = cache.valid[:key.bucket, first:].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 prime()
-                body(bufs, warmup=True)
+                body(bufs)
         torch.cuda.current_stream().wait_stream(side)
         prime()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = body(bufs, warmup=True)
-        cache.valid[:bucket, first:].copy_(saved_valid)
-        step = CapturedStep(graph, bufs, out)
-        self.graphs[key] = step
+            out = body(bufs)
+        cache.valid[:key.bucket, first:].copy_(saved_valid)
+        captured = self.graphs[key] = CapturedStep(graph, bufs, out)
         self.captures += 1
-        self.capture_s += time.perf_counter() - t0
-        log.info("braid: captured decode graph %s in %.2fs", key[:1] + key[4:], time.perf_counter() - t0)
-        return step
+        log.info("braid: captured decode graph (bucket %d, %s) in %.2fs", key.bucket, key.tag,
+                 time.perf_counter() - t0)
+        return captured
 
-    def step(self, input_ids, position_ids, cache) -> torch.Tensor:
-        """One decode step from HF's loop (inputs copied into static buffers, graph replayed)."""
-        from ..patches.model import batch_bucket
-
-        B, seen = input_ids.shape[0], cache.seen
-        bucket = min(batch_bucket(B), cache.batch_capacity)
-        dec = self.st.decode
-
-        def body(b, warmup=False):
-            return dec.forward(cache, b)
-
-        cs = self.capture(bucket, cache, "hf-step", body)
-        b = cs.bufs
-        if B < bucket:
-            b.ids[B:].zero_()
-            b.pos[B:].zero_()
-            cache.valid[B:bucket].zero_()
-        b.ids[:B].copy_(input_ids[:, -1])
-        if position_ids is not None:
-            b.pos[:B].copy_(position_ids[:, -1])
-        else:
-            b.pos[:B].fill_(seen)
-        b.slots.fill_(seen)
-        b.kv_lens.fill_(seen + 1)
+    def step_once(self, cache, bucket: int, ids: torch.Tensor, pos: torch.Tensor | None, slot: int):
+        """One decode step for HF's own loop: inputs copied into the bucket's static buffers, graph
+        replayed; returns the (bucket, vocab) logits buffer."""
+        step = self.step
+        cs = self.capture(GraphKey.of(bucket, cache, "hf-step"), cache, lambda b: step.run(cache, b))
+        fill_inputs(cs.bufs, cache, ids, pos, slot)
         cs.graph.replay()
         return cs.out

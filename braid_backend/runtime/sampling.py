@@ -14,6 +14,9 @@ import torch
 
 NEG_INF = float("-inf")
 
+# hf/select.py builds a SelectConfig from the processors HF prepared for a generate() call (or says
+# why it cannot); this file knows no HF class.
+
 
 @dataclass(frozen=True)
 class SelectConfig:
@@ -26,67 +29,6 @@ class SelectConfig:
     min_new_tokens: int = 0      # min_length folded in (min_length - prompt length)
     eos: tuple[int, ...] = ()
     pad: int = 0
-
-    @classmethod
-    def from_hf(cls, logits_processor, stopping_criteria, generation_config, prompt_len: int):
-        """Build from the processor and stopping-criteria lists HF prepared for this call.
-
-        Returns (config, None), or (None, reason) when the lists hold something this path does not
-        implement; the caller then runs HF's own loop."""
-        kw: dict = {"do_sample": bool(generation_config.do_sample)}
-        order = []
-        for p in logits_processor:
-            name = type(p).__name__
-            if name == "RepetitionPenaltyLogitsProcessor" and getattr(p, "prompt_ignore_length", None) is None:
-                kw["repetition_penalty"] = float(p.penalty)
-            elif name == "MinLengthLogitsProcessor":
-                kw["min_new_tokens"] = max(kw.get("min_new_tokens", 0), int(p.min_length) - prompt_len)
-                kw["eos"] = _ids(p.eos_token_id)
-            elif name == "MinNewTokensLengthLogitsProcessor" and int(p.prompt_length_to_skip) == prompt_len:
-                kw["min_new_tokens"] = max(kw.get("min_new_tokens", 0), int(p.min_new_tokens))
-                kw["eos"] = _ids(p.eos_token_id)
-            elif name == "TemperatureLogitsWarper":
-                kw["temperature"] = float(p.temperature)
-            elif name == "TopKLogitsWarper" and p.filter_value == NEG_INF:
-                kw["top_k"] = int(p.top_k)
-            elif name == "TopPLogitsWarper" and p.filter_value == NEG_INF and p.min_tokens_to_keep == 1:
-                kw["top_p"] = float(p.top_p)
-            elif name == "MinPLogitsWarper" and p.filter_value == NEG_INF and p.min_tokens_to_keep == 1:
-                kw["min_p"] = float(p.min_p)
-            else:
-                return None, f"logits processor {name} is not on the fast path"
-            order.append(_ORDER.index(name))
-        if order != sorted(order):
-            return None, "logits processors in a non-standard order"
-        eos = ()
-        for c in stopping_criteria:
-            name = type(c).__name__
-            if name == "EosTokenCriteria":
-                eos = _ids(c.eos_token_id)
-            elif name != "MaxLengthCriteria":
-                return None, f"stopping criterion {name} is not on the fast path"
-        if "eos" in kw and eos and set(kw["eos"]) != set(eos):
-            return None, "min-length EOS ids differ from the stopping EOS ids"
-        kw["eos"] = eos or kw.get("eos", ())
-        pad = generation_config.pad_token_id
-        kw["pad"] = int(pad) if pad is not None else (kw["eos"][0] if kw["eos"] else 0)
-        if kw["eos"] and not eos:
-            return None, "EOS masked by min-length but no EOS stopping criterion"
-        return cls(**kw), None
-
-
-_ORDER = ["RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
-          "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
-
-
-def _ids(t) -> tuple[int, ...]:
-    if t is None:
-        return ()
-    if isinstance(t, torch.Tensor):
-        return tuple(int(x) for x in t.flatten().tolist())
-    if isinstance(t, (list, tuple)):
-        return tuple(int(x) for x in t)
-    return (int(t),)
 
 
 class SelectState:

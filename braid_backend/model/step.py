@@ -15,7 +15,11 @@ x + y * m) go through `_sublayer_out`: the GEMV writes y to a scratch buffer, th
 normalises it in place, and the multiply / add are plain torch ops on preallocated buffers (the very
 ops HF runs, so the cast points match). A kernel with a normalise-then-add epilogue would save them.
 
-Every tensor it touches is preallocated (DecodeBuffers), so the step can be captured in a CUDA graph.
+Every tensor it touches is preallocated (StepBuffers), so the step can be captured in a CUDA graph.
+
+`DecodeStep` is what runtime/ drives (see runtime/interface.py for the contract): it owns the fused
+weights and RoPE tables, makes StepBuffers, and runs one step on a cache. A second backend (a persistent
+kernel) implements the same few members and runs under the same graphs and loops.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
 from ..kernels.fused_gemv import fused_gemv
 from ..kernels.rmsnorm import rmsnorm
@@ -60,10 +65,11 @@ def _packed(linears):
     return fuse_linears(list(linears))
 
 
-class DecodeBuffers:
-    """Static per-batch-size tensors of one decode step (inputs, intermediates, logits)."""
+class StepBuffers:
+    """Static tensors of one decode step for M rows: the inputs runtime/ fills (ids, pos, slots,
+    kv_lens), intermediates, and the logits it reads."""
 
-    def __init__(self, st: "DecodeState", M: int, max_len: int):
+    def __init__(self, st: "DecodeStep", M: int, max_len: int):
         dev, dt, p = st.device, st.dtype, st.plan
         n_qkv = (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
         self.M, self.max_len = M, max_len
@@ -93,15 +99,17 @@ class DecodeBuffers:
         self.ws = attention_workspace(M, p.n_heads, p.head_dim, self.num_splits, dev)
 
 
-class DecodeState:
-    """Fused weights, RoPE tables and buffers of one patched model."""
+class DecodeStep:
+    """Fused weights and RoPE tables of one patched model; runs one decode step (the Triton backend)."""
+
+    backend = "triton"
 
     def __init__(self, plan: ModelPlan):
         self.plan = plan
         lm = plan.lm_head.weight
         self.device, self.dtype, self.vocab = lm.device, lm.dtype, lm.shape[0]
-        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                        if self.device.type == "cuda" else 8)
+        self.num_layers, self.n_kv_heads, self.head_dim = len(plan.layers), plan.n_kv_heads, plan.head_dim
+        self.num_sms = num_sms(self.device)
         self.layers = []
         for lp in plan.layers:
             w_qkv, b_qkv = _packed(lp.qkv)
@@ -113,7 +121,6 @@ class DecodeState:
         self.rope_keys = sorted({lp.rope_key for lp in plan.layers}, key=lambda k: (k is None, k or ""))
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
         self.table_len = 0
-        self.buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self.weights_ptr = self._weights_ptr()
 
     def _weights_ptr(self) -> int:
@@ -130,7 +137,6 @@ class DecodeState:
         unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
                         for m in group])
         self.layers.clear()
-        self.buffers.clear()
         self.tables.clear()
 
     # -- rope ----------------------------------------------------------------------------------------
@@ -140,6 +146,10 @@ class DecodeState:
         args = {} if key is None else {"layer_type": key}
         cos, sin = self.plan.rotary(dummy, position_ids=pos, **args)
         return cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+
+    def prepare(self, max_len: int) -> None:
+        """Whatever positions < max_len need, made outside any captured graph (the RoPE tables)."""
+        self.ensure_rope_table(max_len)
 
     @torch.no_grad()
     def ensure_rope_table(self, length: int) -> None:
@@ -170,7 +180,7 @@ class DecodeState:
                 tables[key] = self._rotary(key, length)
         self.tables, self.table_len = tables, length
 
-    def _rope_inputs(self, b: DecodeBuffers) -> dict:
+    def _rope_inputs(self, b: StepBuffers) -> dict:
         """rope key -> (cos, sin, per-row table index) for this step."""
         if self.plan.longrope is None:
             return {k: (*self.tables[k], b.pos) for k in self.rope_keys}
@@ -190,14 +200,11 @@ class DecodeState:
             out[k] = (b.cos_rows, b.sin_rows, b.rows)
         return out
 
-    def buffers_for(self, M: int, max_len: int) -> DecodeBuffers:
-        key = (M, max_len)
-        if key not in self.buffers:
-            self.buffers[key] = DecodeBuffers(self, M, max_len)
-        return self.buffers[key]
+    def new_buffers(self, M: int, max_len: int) -> StepBuffers:
+        return StepBuffers(self, M, max_len)
 
     # -- the step ------------------------------------------------------------------------------------
-    def _sublayer_out(self, b: DecodeBuffers, h, lin, post_norm, eps: float) -> None:
+    def _sublayer_out(self, b: StepBuffers, h, lin, post_norm, eps: float) -> None:
         """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points."""
         p = self.plan
         if post_norm is None and p.residual_mult is None:
@@ -212,7 +219,7 @@ class DecodeState:
         b.x.add_(b.tmp)
 
     @torch.no_grad()   # out= ops refuse parameters that require grad; the step is inference only
-    def forward(self, cache, b: DecodeBuffers) -> torch.Tensor:
+    def run(self, cache, b: StepBuffers) -> torch.Tensor:
         """One decode step for all b.M rows; reads b.ids/pos/slots/kv_lens, returns b.logits."""
         p = self.plan
         nm, no = p.spec.norm_mode, p.spec.norm_offset

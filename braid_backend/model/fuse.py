@@ -26,10 +26,6 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
     return packed_w, packed_b
 
 
-def is_view_of(t: torch.Tensor, base: torch.Tensor) -> bool:
-    return t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-
-
 @torch.no_grad()
 def unfuse_linears(linears: list[nn.Linear]) -> None:
     for m in linears:

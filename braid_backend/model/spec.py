@@ -1,7 +1,7 @@
 """Per-family spec rows and the generic checks that decide whether a model can be patched.
 
 Adding a family means adding a FamilySpec row (and a tiny config test), not copying code: the
-decode step in `decode.py` is generic and reads everything model-specific from the LayerPlan /
+decode step in `step.py` is generic and reads everything model-specific from the LayerPlan /
 ModelPlan built here from the config and the module tree. Every spec field below names a module or
 switches one generic hook of the decode step; `plan_model` turns it into concrete modules/numbers.
 """
@@ -15,11 +15,11 @@ from torch import nn
 # rope types whose cos/sin depend on the position only, so one precomputed table is exact
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 # longrope picks short or long factors from max(position_ids) of each forward: exact with two tables
-# and a per-step on-device choice (decode.py), see ModelPlan.longrope
+# and a per-step on-device choice (step.py), see ModelPlan.longrope
 SWITCHED_ROPE_TYPES = {"longrope"}
 # ...but HF's Phi-3 generate() also drops the KV cache and re-prefills the whole sequence (so every key
 # gets the long factors) the first time it grows past original_max_position_embeddings. braid's fast
-# generate loop (runtime/fastgen.py) keeps its cache, so a longrope model that can cross that length is
+# generate loop (runtime/loop.py) keeps its cache, so a longrope model that can cross that length is
 # refused until that loop re-prefills at the crossing too; then set this True.
 LONGROPE_CROSSING_OK = False
 ACTS = {"silu": "silu_mul", "swish": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
@@ -115,8 +115,6 @@ class Unsupported(Exception):
 @dataclass
 class LayerPlan:
     index: int
-    attn: nn.Module
-    mlp: nn.Module
     attn_norm: nn.Module | None
     mlp_norm: nn.Module | None
     attn_out_norm: nn.Module | None
@@ -140,8 +138,6 @@ class LayerPlan:
 @dataclass
 class ModelPlan:
     spec: FamilySpec
-    causal_lm: nn.Module
-    backbone: nn.Module
     layers: list[LayerPlan]
     embed: nn.Embedding
     final_norm: nn.Module
@@ -154,13 +150,12 @@ class ModelPlan:
     intermediate: int
     eps: float
     act: str
-    rope_type: str
     embed_scale: torch.Tensor | float | None = None   # multiply the embeddings by this (same op as HF)
     residual_mult: float | None = None                # x = x + rnd(sublayer_out * m)    (Granite)
     logits_div: float | None = None                   # logits = logits / d              (Granite)
     final_softcap: float | None = None                # logits = tanh(logits / c) * c    (Gemma-2/3)
     longrope: int | None = None                       # original_max_position_embeddings of a longrope table
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # patch() logs them and puts them in the report
 
 
 def norm_eps(m: nn.Module) -> float:
@@ -208,12 +203,11 @@ def _rope_types(config, spec: FamilySpec) -> dict[str | None, dict]:
     return {None: rope}
 
 
-def _check_rope(config, spec: FamilySpec) -> tuple[str, int | None]:
-    """The rope type, and original_max_position_embeddings when it is longrope (two tables)."""
-    longrope, types = None, []
+def _check_rope(config, spec: FamilySpec) -> int | None:
+    """original_max_position_embeddings when the rope is longrope (two tables), else None."""
+    longrope = None
     for key, rope in _rope_types(config, spec).items():
         rt = rope.get("rope_type", rope.get("type", "default"))
-        types.append(rt)
         if rt in SWITCHED_ROPE_TYPES and key is None:
             orig = rope.get("original_max_position_embeddings",
                             getattr(config, "original_max_position_embeddings", None))
@@ -230,7 +224,7 @@ def _check_rope(config, spec: FamilySpec) -> tuple[str, int | None]:
         elif rt not in STATIC_ROPE_TYPES:
             raise Unsupported(f"rope type {rt!r} depends on the sequence length (supported: "
                               f"{sorted(STATIC_ROPE_TYPES | SWITCHED_ROPE_TYPES)})")
-    return "/".join(sorted(set(types))), longrope
+    return longrope
 
 
 def _check_family_config(config, spec: FamilySpec) -> None:
@@ -330,7 +324,7 @@ def plan_model(model: nn.Module) -> ModelPlan:
         raise Unsupported("expected <CausalLM>.model.layers and .lm_head")
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         raise Unsupported("lm_head is not a bias-free nn.Linear")
-    rope_type, longrope = _check_rope(config, spec)
+    longrope = _check_rope(config, spec)
     act_name = getattr(config, spec.act_attr, None)
     act = ACTS.get(act_name)
     if act is None:
@@ -363,11 +357,11 @@ def plan_model(model: nn.Module) -> ModelPlan:
             rope_key = config.layer_types[i]
         if spec.nope_layers and not config.no_rope_layers[i]:
             rope_key = ""
-        layers.append(LayerPlan(i, attn, mlp, *norms, qkv, o, gate_up, down, qn, kn,
+        layers.append(LayerPlan(i, *norms, qkv, o, gate_up, down, qn, kn,
                                 float(getattr(attn, "scaling", head_dim ** -0.5)), _layer_window(config, i),
                                 softcap, rope_key))
     intermediate = (gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features)
-    return ModelPlan(spec, model, backbone, layers, backbone.embed_tokens, _norm(backbone, "norm", hidden, "model"),
+    return ModelPlan(spec, layers, backbone.embed_tokens, _norm(backbone, "norm", hidden, "model"),
                      lm_head, backbone.rotary_emb, n_heads, n_kv, head_dim, hidden, intermediate,
-                     norm_eps(backbone.norm), act, rope_type, longrope=longrope, warnings=warnings,
+                     norm_eps(backbone.norm), act, longrope=longrope, warnings=warnings,
                      **_model_scalars(model, config, spec, backbone.embed_tokens))

@@ -4,12 +4,26 @@
 name is still accepted with a deprecation warning, the output field moved to `.cache`)."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 
 def cache_kwarg_name(model) -> str:
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def stock_forward(model):
+    """The class's own forward bound to the model (made per call: stored, it would hold the model)."""
+    return type(model).forward.__get__(model)
+
+
+def stock_generate(model):
+    return type(model).generate.__get__(model)
 
 
 def pop_cache_kwarg(kwargs: dict):

@@ -1,14 +1,14 @@
-"""Teacher-forced logit comparisons: the correctness yardstick for patched models.
+"""Teacher-forced logits through an HF forward: the yardstick verify=True and the tests use.
 
 Random-weight models repeat one token under greedy decoding, so equal greedy tokens prove little.
-Instead we feed the same random token sequence to each model (prefill of a prompt, then one token
-per decode step through the KV cache) and compare the logits of every step with an fp32 reference.
+Instead we feed the same token sequence to each model (prefill of a prompt, then one token per
+decode step through the KV cache) and compare the logits of every step.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
+
+from .compat import cache_kwarg_name, output_cache
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -29,8 +29,6 @@ def teacher_forced_logits(model, prompt: torch.Tensor, cont: torch.Tensor,
     single-token forwards reusing the returned cache. `forward` replaces model.__call__ (verify runs
     the stock and the patched forward of one model); `cache` is the prefill's cache (default: none
     passed, so the stock model makes a DynamicCache and a patched one its braid cache)."""
-    from .runtime.hf_compat import cache_kwarg_name, output_cache
-
     fwd = forward if forward is not None else model
     B = prompt.shape[0]
     mask = attention_mask if attention_mask is not None else torch.ones_like(prompt)
@@ -48,22 +46,3 @@ def teacher_forced_logits(model, prompt: torch.Tensor, cont: torch.Tensor,
         logits.append(out.logits[:, -1].float())
         cache = output_cache(out)
     return torch.stack(logits)
-
-
-@torch.no_grad()
-def fp32_reference_logits(model, prompt, cont, attention_mask=None) -> torch.Tensor:
-    """Teacher-forced logits of an fp32 copy of the stock model (the reference for every error)."""
-    from . import is_patched
-
-    if is_patched(model):
-        raise ValueError("fp32_reference_logits needs the stock model: call it before patch() or after unpatch()")
-    ref = copy.deepcopy(model).float()
-    try:
-        return teacher_forced_logits(ref, prompt, cont, attention_mask)
-    finally:
-        del ref
-
-
-def random_tokens(vocab: int, batch: int, length: int, seed: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g).to(device)

@@ -1,0 +1,39 @@
+"""PatchOptions: what patch() was asked for, checked once, frozen (runtime state lives in the session)."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, fields
+
+MAX_GRAPH_STEPS = 128   # a K-step graph holds K copies of the step's kernels; beyond this it only costs memory
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    graphs: bool = True          # CUDA-graph decode steps
+    fast_generate: bool = True   # generate() runs the device-side K-step loop where it reproduces HF exactly
+    graph_steps: int = 8         # decode steps per host round-trip on that loop (K)
+    verify: bool = False         # compare a few decode steps with stock on first use
+    strict: bool = False         # raise BraidUnsupportedError instead of leaving the model stock
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, bool):
+                raise TypeError(f"patch() option {f.name} must be True or False, got {v!r}")
+        k = self.graph_steps
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"patch() option graph_steps must be an int, got {k!r}")
+        object.__setattr__(self, "graph_steps", int(k))
+        if not 1 <= k <= MAX_GRAPH_STEPS:
+            raise ValueError(f"patch() option graph_steps must be in [1, {MAX_GRAPH_STEPS}], got {k}")
+
+    @classmethod
+    def from_kwargs(cls, **options) -> "PatchOptions":
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"patch() got unknown options: {sorted(unknown)} "
+                            f"(known: {', '.join(f.name for f in fields(cls))})")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
