@@ -55,7 +55,7 @@ def _kernel_times(fn, n):
 def measure(model, ids, pdl: bool, ctx: int) -> dict:
     os.environ["BRAID_PDL"] = "1" if pdl else "0"
     braid_backend.patch(model)
-    st = model._braid_state
+    st = model._braid_session
     n = 128
     kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=n, max_new_tokens=n)
     gen = lambda **extra: model.generate(ids, **kw, **extra)  # noqa: E731
@@ -64,18 +64,18 @@ def measure(model, ids, pdl: bool, ctx: int) -> dict:
     hf = (_time(lambda: gen(output_scores=True, return_dict_in_generate=True), reps=3) - t1) / (n - 1)
     cache = st.cache
     # one step of our own capture, positions as at `ctx` (slots/kv_lens in the buffers)
-    b = st.decode.buffers_for(1, cache.max_len)
+    b = st.step.new_buffers(1, cache.max_len)
     b.slots.fill_(min(ctx, cache.max_len - 1))
     b.kv_lens.fill_(min(ctx, cache.max_len - 1) + 1)
     b.pos.fill_(min(ctx, cache.max_len - 1))
     for _ in range(2):
-        st.decode.forward(cache, b)
+        st.step.run(cache, b)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        st.decode.forward(cache, b)
+        st.step.run(cache, b)
     graph_step = _time(lambda: [g.replay() for _ in range(50)]) / 50
-    eager = _time(lambda: [st.decode.forward(cache, b) for _ in range(20)]) / 20
+    eager = _time(lambda: [st.step.run(cache, b) for _ in range(20)]) / 20
     try:
         kernels = _kernel_times(lambda: [g.replay() for _ in range(20)], 20)
     except Exception as e:  # the profiler is a diagnostic; its absence must not lose the timings

@@ -116,7 +116,7 @@ def test_braid_eager_ok_with_correctness(braid_run):
     assert "error" not in chk, chk.get("error")
     assert 0 < chk["stock_err"] < 0.1 and math.isfinite(chk["variant_err"])
     assert chk["err_ratio"] == pytest.approx(chk["variant_err"] / chk["stock_err"])
-    assert chk["err_ratio"] < 3.0, chk        # DESIGN: a fused path may be at most ~2x worse than stock bf16
+    assert chk["err_ratio"] <= 2.0, chk       # DESIGN: a fused path may be at most 2x worse than stock bf16
     assert 0.0 <= r["greedy_agreement"] <= 1.0
     patch = r["patch"]
     assert patch["graphs"] is False and patch["text"] and isinstance(patch["dict"], dict)

@@ -12,6 +12,7 @@ import braid_backend
 from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
 from braid_backend.model.spec import REFUSED, REGISTRY
 from braid_backend.testing.presets import build_model
+from helpers import BASE_FAMILIES
 
 # family -> tiny preset tested end to end here (the first four families: tests/test_patch_model.py)
 NEW_FAMILIES = {"gemma": "tiny-gemma", "gemma2": "tiny-gemma2", "gemma3": "tiny-gemma3", "phi3": "tiny-phi3",
@@ -19,9 +20,7 @@ NEW_FAMILIES = {"gemma": "tiny-gemma", "gemma2": "tiny-gemma2", "gemma3": "tiny-
 
 
 def _patch_model_families() -> dict:
-    from test_patch_model import FAMILIES  # tests/ is on sys.path under pytest (rootdir conftest)
-
-    return {name.removeprefix("tiny-"): name for name in FAMILIES}
+    return {name.removeprefix("tiny-"): name for name in BASE_FAMILIES}
 
 
 def _teacher_forced_check(model, prompt, cont, mask=None, tol=2e-5):
@@ -29,8 +28,8 @@ def _teacher_forced_check(model, prompt, cont, mask=None, tol=2e-5):
     report = braid_backend.patch(model)
     assert report.ok, str(report)
     out = teacher_forced_logits(model, prompt, cont, mask)
-    st = model._braid_state
-    assert st.stats["decode_fused"] + st.stats["decode_graph"] >= cont.shape[1], "decode steps ran stock"
+    st = model._braid_session
+    assert st.status.stats["decode_fused"] + st.status.stats["decode_graph"] >= cont.shape[1], "decode steps ran stock"
     # every step, not only the aggregate: a late-step bug (window, longrope switch) must not hide
     for i in range(out.shape[0]):
         err = rel_err(out[i], ref[i])

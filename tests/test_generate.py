@@ -41,7 +41,7 @@ def both(pair, *args, **kw):
     stock, patched = pair
     a = stock.generate(*args, **kw)
     b = patched.generate(*args, **kw)
-    return a, b, patched._braid_state.last_path
+    return a, b, braid_backend.status(patched).last_path
 
 
 def test_greedy_eos_list_and_padding(pair):
@@ -92,7 +92,7 @@ def test_sampling_seeded_and_topk1_is_greedy(pair):
     x = patched.generate(ids, **kw)
     torch.manual_seed(5)
     y = patched.generate(ids, **kw)
-    assert patched._braid_state.last_path == "fast" and torch.equal(x, y)
+    assert braid_backend.status(patched).last_path == "fast" and torch.equal(x, y)
     greedy = stock.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     top1 = patched.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, pad_token_id=0,
                             num_return_sequences=2)
@@ -129,10 +129,10 @@ def test_generation_config_defaults_and_cache_growth(pair):
         for m in pair:
             m.generation_config.max_new_tokens = None
     # a prompt + generation longer than the shared cache: the cache is re-allocated, output stays exact
-    before = patched._braid_state.cache.max_len
+    before = patched._braid_session.cache.max_len
     long_ids = prompt(1, before + 3, 7)
     a, b, _ = both(pair, long_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert torch.equal(a, b) and patched._braid_state.cache.max_len > before
+    assert torch.equal(a, b) and patched._braid_session.cache.max_len > before
 
 
 def _tiny_tokenizer(vocab: int):
@@ -161,5 +161,5 @@ def test_text_iterator_streamer_in_a_thread(pair):
     text = "".join(streamer)
     t.join()
     ref = stock.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert patched._braid_state.last_path == "fast" and torch.equal(box["out"], ref)
+    assert braid_backend.status(patched).last_path == "fast" and torch.equal(box["out"], ref)
     assert text.split() == tokenizer.decode(ref[0, 5:]).split()

@@ -5,7 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
+from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY  # noqa: E402
 from braid_backend.kernels.decode_attention import (  # noqa: E402
     MIN_SPLIT_LEN,
     attention_workspace,
@@ -14,9 +14,8 @@ from braid_backend.kernels.decode_attention import (  # noqa: E402
     default_num_splits,
 )
 
-# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
-DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
-pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
+DEV = KERNEL_DEV
+pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 
 def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, valid_bool=True, holes=()):
@@ -130,12 +129,12 @@ def test_attention_depends_on_inputs():
 
 
 def test_default_num_splits():
-    assert default_num_splits(1, 2, 100) == 1                   # short cache: no combine pass
-    assert default_num_splits(1, 2, 300) == 4
-    assert default_num_splits(64, 8, 33000) == 1                # 512 programs already fill the GPU
+    assert default_num_splits(1, 2, 100, 132) == 1                   # short cache: no combine pass
+    assert default_num_splits(1, 2, 300, 132) == 4
+    assert default_num_splits(64, 8, 33000, 132) == 1                # 512 programs already fill the GPU
     for M, KV, S in [(1, 2, 4096), (1, 2, 33000), (16, 2, 4096), (1, 8, 33000), (4, 8, 1024)]:
-        n = default_num_splits(M, KV, S)
+        n = default_num_splits(M, KV, S, 132)
         assert n >= 2, (M, KV, S, n)
         assert S // n >= MIN_SPLIT_LEN
         assert M * KV * n >= 132 or n == S // MIN_SPLIT_LEN
-    assert default_num_splits(1, 2, 4096) == 64
+    assert default_num_splits(1, 2, 4096, 132) == 64

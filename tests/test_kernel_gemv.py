@@ -5,22 +5,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
+from helpers import BF16_FLOOR, BF16_RATIO, CAST_MATCH, FP32_TOL, KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY, relerr  # noqa: E402
 from braid_backend.kernels.fused_gemv import default_config, fused_gemv, fused_gemv_reference  # noqa: E402
 
-# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
-DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
-pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
-
-FP32_TOL = 1e-5      # relative-norm error, fp32
-BF16_RATIO = 2.0     # kernel error may be at most 2x the stock bf16 path's error ...
-BF16_FLOOR = 1e-4    # ... plus this floor (relative norm)
-CAST_MATCH = 0.25    # distance to the stock bf16 reference, in units of the stock path's own error
-
-
-def relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
+DEV = KERNEL_DEV
+pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 # name -> options. Each mirrors a real call site (comment) or a combination that could break.
 CASES = {
@@ -169,7 +158,7 @@ def test_heuristic_choices(monkeypatch):
     # the GPU heuristic, checked anywhere: pretend an H100's 132 SMs
     import braid_backend.kernels.fused_gemv as fg
 
-    monkeypatch.setattr(fg, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(fg, "num_sms", lambda device: 132)
     default_config.cache_clear()
     dev = torch.device("cuda", 0)
     bf = torch.bfloat16

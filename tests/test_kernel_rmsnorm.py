@@ -5,23 +5,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import BF16_FLOOR, BF16_RATIO, CAST_MATCH, FP32_TOL, KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY, relerr  # noqa: E402
 from braid_backend.kernels import rmsnorm as rms_mod  # noqa: E402
-from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
 from braid_backend.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
 
-# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
-DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
-pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
-
-FP32_TOL = 1e-5
-BF16_RATIO = 2.0
-BF16_FLOOR = 1e-4
-CAST_MATCH = 0.25
-
-
-def relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
+DEV = KERNEL_DEV
+pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 def check(got, ref32, stock, dtype, what):
     if dtype == torch.float32:

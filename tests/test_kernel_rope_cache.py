@@ -5,15 +5,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from braid_backend.kernels._common import interpret_mode, kernels_usable  # noqa: E402
+from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY  # noqa: E402
 from braid_backend.kernels.rope_cache import (  # noqa: E402
     rope_qkv_cache_write,
     rope_qkv_cache_write_reference,
 )
 
-# Under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on a GPU box) on CUDA.
-DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
-pytestmark = pytest.mark.skipif(not kernels_usable(DEV)[0], reason=kernels_usable(DEV)[1] or "no triton")
+DEV = KERNEL_DEV
+pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 MAX_POS = 64
 

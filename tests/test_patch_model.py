@@ -9,8 +9,9 @@ import torch
 import braid_backend
 from braid_backend.testing.numerics import fp32_reference_logits, random_tokens, rel_err, teacher_forced_logits
 from braid_backend.testing.presets import build_model
+from helpers import BASE_FAMILIES
 
-FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
+FAMILIES = BASE_FAMILIES
 
 
 def param_bytes(model):
@@ -36,7 +37,7 @@ def test_fp32_logits_and_greedy_match_stock(name, device):
     assert report.ok, str(report)
     assert param_bytes(model) == before, "patching must not grow parameter memory"
     out = teacher_forced_logits(model, prompt, cont)
-    assert model._braid_state.stats["decode_fused"] + model._braid_state.stats["decode_graph"] >= cont.shape[1]
+    assert braid_backend.status(model).stats["decode_fused"] + braid_backend.status(model).stats["decode_graph"] >= cont.shape[1]
     err = rel_err(out, ref)
     assert err < 2e-5, f"{name}: fp32 patched vs stock rel err {err}"
     gen = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -1,0 +1,45 @@
+"""What several test modules share: the kernel tests' device and tolerances, the error measure, the
+base families and small generate()/outcome helpers. conftest.py has set TRITON_INTERPRET by now."""
+import torch
+
+from braid_backend.kernels._common import interpret_mode, kernels_usable
+from braid_backend.testing.numerics import random_tokens, rel_err
+
+# Kernel tests: under the interpreter the kernels run on CPU tensors; otherwise (TRITON_INTERPRET=0 on
+# a GPU box) on CUDA.
+KERNEL_DEV = torch.device("cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu")
+KERNELS_USABLE, KERNELS_WHY = kernels_usable(KERNEL_DEV)
+
+FP32_TOL = 1e-5      # relative-norm error of an fp32 kernel against its fp32 torch reference
+BF16_RATIO = 2.0     # a bf16 kernel's error vs fp32 may be at most 2x the stock bf16 path's error ...
+BF16_FLOOR = 1e-4    # ... plus this floor (relative norm)
+CAST_MATCH = 0.25    # distance to the stock bf16 reference, in units of the stock path's own error
+
+relerr = rel_err     # ||a - ref|| / ||ref|| in fp64, inf on NaN
+
+BASE_FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
+
+
+def gen(model, ids, **kw):
+    kw.setdefault("do_sample", False)
+    return model.generate(ids, pad_token_id=0, **kw)
+
+
+def toks(model, B, T, seed, device="cpu"):
+    return random_tokens(model.config.vocab_size, B, T, seed, device)
+
+
+def outcome(fn):
+    """('ok', tensor) or ('exc', exception type): what a call did, for stock-vs-patched comparisons."""
+    try:
+        return "ok", fn()
+    except Exception as e:
+        return "exc", type(e)
+
+
+def same(a, b) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "exc":
+        return a[1] is b[1]
+    return a[1].dtype == b[1].dtype and torch.equal(a[1], b[1])
