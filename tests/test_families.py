@@ -87,7 +87,7 @@ def test_phi3_longrope_refused_when_generate_can_cross_the_original_length(devic
 def test_phi3_longrope_step_switches_factors_like_stock(device, monkeypatch):
     """The fused step itself is exact across the switch (what stock's forward does), including a batch
     where only one row has crossed (stock then uses the long factors for every row)."""
-    from braid_backend.patches import spec
+    from braid_backend.model import spec
 
     monkeypatch.setattr(spec, "LONGROPE_CROSSING_OK", True)
     model = build_model("tiny-phi3", dtype=torch.float32, device=device, seed=2, **LONGROPE)

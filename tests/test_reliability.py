@@ -283,7 +283,7 @@ def test_bad_and_edge_generate_inputs_behave_like_stock(monkeypatch, device):
     ids = toks(model, 3, 4, 128, d)
     if not torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3)):
         failures.append(("batch 3 > largest bucket 2", None, None))
-    assert any(k[0] == 4 for k in model._braid_session.loops) and braid_backend.status(model).last_path == "fast"
+    assert any(k.bucket == 4 for k in model._braid_session.loops) and braid_backend.status(model).last_path == "fast"
     assert not failures, failures
     # after all of that the state still gives stock's tokens
     ids = toks(model, 2, 5, 129, d)

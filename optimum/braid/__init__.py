@@ -1,0 +1,40 @@
+"""optimum.braid: braid_backend as an optimum backend.
+
+    from optimum.braid import BraidModelForCausalLM
+    model = BraidModelForCausalLM.from_pretrained(path_or_id, dtype=torch.bfloat16, device="cuda")
+
+Shipped by the braid-backend distribution into the `optimum` namespace package, like optimum-intel's
+`optimum.intel` and optimum-onnx's `optimum.onnxruntime` (there is no `optimum/__init__.py`: the
+`optimum` distribution and every backend add their own subpackage to the same namespace). As in those
+packages, the public names are listed per submodule in `_import_structure` and the submodule is
+imported on first use; here through a module `__getattr__` (PEP 562, as `braid_backend` does) rather
+than transformers' private `_LazyModule`. `import optimum.braid` needs neither the optimum distribution
+nor torch; `pip install "braid-backend[optimum]"` installs optimum next to it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from braid_backend import __version__  # noqa: F401  (light: braid_backend loads torch on first use)
+
+_import_structure = {
+    "modeling": ["BraidModelForCausalLM"],
+}
+_NAME_TO_MODULE = {name: mod for mod, names in _import_structure.items() for name in names}
+
+__all__ = ["__version__", *_NAME_TO_MODULE]
+
+if TYPE_CHECKING:
+    from .modeling import BraidModelForCausalLM
+else:
+    def __getattr__(name):
+        mod = _NAME_TO_MODULE.get(name)
+        if mod is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{mod}", __name__), name)
+        globals()[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(globals()) | set(__all__))
