@@ -10,20 +10,24 @@ packages, the public names are listed per submodule in `_import_structure` and t
 imported on first use; here through a module `__getattr__` (PEP 562, as `braid_backend` does) rather
 than transformers' private `_LazyModule`. `import optimum.braid` needs neither the optimum distribution
 nor torch; `pip install "braid-backend[optimum]"` installs optimum next to it.
+
+Side effect while the optimum distribution is absent: this directory makes `find_spec("optimum")`
+succeed, so transformers' `is_optimum_available()` says True; only GPTQ checkpoints care (their load
+then fails on `import optimum.gptq` rather than with transformers' "requires optimum" message).
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
-from braid_backend import __version__  # noqa: F401  (light: braid_backend loads torch on first use)
+from braid_backend import __version__  # light: braid_backend loads torch on first use
 
 _import_structure = {
     "modeling": ["BraidModelForCausalLM"],
 }
 _NAME_TO_MODULE = {name: mod for mod, names in _import_structure.items() for name in names}
 
-__all__ = ["__version__", *_NAME_TO_MODULE]
+__all__ = ["BraidModelForCausalLM", "__version__"]
 
 if TYPE_CHECKING:
     from .modeling import BraidModelForCausalLM

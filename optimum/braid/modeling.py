@@ -14,12 +14,13 @@ object. A wrapper would hide the PreTrainedModel behind another class for no gai
 return a concrete model class (and, like them, this class cannot be instantiated). Nothing here needs
 the optimum distribution: this module imports only braid_backend and transformers.
 
-Saving: `save_pretrained` of the returned model needs no help (checked with transformers 5.24 and the
-tiny Qwen2 preset, tests/test_optimum.py). Patching turns q/k/v (and gate/up) into views of one packed
-tensor, so they share one storage; transformers' `remove_tied_weights_from_state_dict` finds that
-those views do not overlap and clones each one before writing, so the checkpoint holds the usual
-separate `q_proj.weight`/`k_proj.weight`/... tensors, loads into stock transformers with identical
-weights, and the patched model is left as it was (still patched, still on the fast path).
+Saving: `save_pretrained` of the returned model needs no help (checked with transformers 5.24,
+tests/test_optimum.py: the tiny Qwen2 preset in fp32, every tiny preset in bf16). Patching turns q/k/v
+(and gate/up) into views of one packed tensor, so they share one storage; transformers'
+`remove_tied_weights_from_state_dict` finds that those views do not overlap and clones each one before
+writing, so the checkpoint holds the usual separate `q_proj.weight`/`k_proj.weight`/... tensors, loads
+into stock transformers with identical weights, and the patched model is left as it was (still
+patched, still on the fast path).
 """
 from __future__ import annotations
 
