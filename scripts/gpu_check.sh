@@ -33,7 +33,7 @@ for s in $STAGES; do
   tests|test-*)
     # one pytest per group, each with its own time limit and log, published as soon as it ends;
     # stage "test-<group>" runs one group (so groups can interleave with other stages)
-    groups=${TEST_GROUPS:-kernel reliability gpu families}
+    groups=${TEST_GROUPS:-kernel reliability gpu families optimum}
     [ "${s#test-}" != "$s" ] && groups=${s#test-}
     for grp in $groups; do
       stage "tests $grp"
@@ -42,6 +42,7 @@ for s in $STAGES; do
         reliability) files=tests/test_gpu_reliability.py; sel="-m gpu" ;;
         gpu) files=tests/test_gpu.py; sel="-m gpu" ;;
         families) files=tests/test_families.py; sel="-m gpu" ;;
+        optimum) files=tests/test_optimum.py; sel="-m gpu" ;;
         *) files=$grp; sel="-m gpu" ;;
       esac
       BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json \

@@ -203,3 +203,28 @@ def test_shares_the_optimum_namespace_with_the_optimum_distribution(tmp_path):
         "print(optimum.version.__version__, optimum.braid.BraidModelForCausalLM.__name__)\n", cwd=tmp_path)
     version, name = out.split()
     assert name == "BraidModelForCausalLM" and tuple(map(int, version.split(".")[:2])) >= (2, 1)
+
+
+@pytest.mark.gpu
+def test_gpu_optimum_entry_and_pipeline(tmp_path):
+    """On the GPU: a real-size config (Qwen2.5-0.5B, random weights, bf16) saved with a word-level
+    tokenizer, loaded through optimum.braid onto CUDA, served by a text-generation pipeline on the fast
+    path (CUDA graphs); the pipeline's text is what the patched model's own generate() decodes to."""
+    original = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=5)
+    original.save_pretrained(tmp_path)
+    tok = _tiny_tokenizer(original.config.vocab_size)
+    tok.save_pretrained(tmp_path)
+    del original
+    model = BraidModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    assert braid_backend.is_patched(model) and model.device.type == "cuda"
+    prompt = " ".join(f"w{i}" for i in range(100, 140))
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    out = pipeline("text-generation", model=model, tokenizer=_load_tokenizer(tmp_path))(
+        prompt, return_full_text=False, **kw)
+    st = braid_backend.status(model)
+    assert st.last_path == "fast" and model._braid_session.graphs.captures > 0, st
+    ids = _load_tokenizer(tmp_path)(prompt, return_tensors="pt")["input_ids"].cuda()
+    again = model.generate(ids, pad_token_id=0, **kw)
+    new_words = _load_tokenizer(tmp_path).decode(again[0, ids.shape[1]:], skip_special_tokens=True).split()
+    # (the pipeline's full text glues prompt and continuation without a space: compare the new words)
+    assert out[0]["generated_text"].split() == new_words and len(new_words) == 16
