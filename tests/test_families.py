@@ -98,8 +98,11 @@ def test_phi3_longrope_step_switches_factors_like_stock(device, monkeypatch):
     _teacher_forced_check(model, prompt, cont, mask)
 
 
-def test_stock_ignores_gemma2_softcap_under_sdpa_and_so_do_we(device):
-    """transformers 5.17's sdpa silently drops attn_logit_softcapping; the plan mirrors the stock model."""
+def test_stock_ignores_gemma2_softcap_under_sdpa_and_so_do_we(device, caplog):
+    """transformers 5.17's sdpa silently drops attn_logit_softcapping; the plan mirrors the stock model
+    and says so in the log and the PatchReport."""
+    import logging
+
     from braid_backend.model.spec import plan_model
 
     model = build_model("tiny-gemma2", dtype=torch.float32, device=device)
@@ -107,6 +110,12 @@ def test_stock_ignores_gemma2_softcap_under_sdpa_and_so_do_we(device):
     model.config._attn_implementation = "sdpa"
     plan = plan_model(model)
     assert all(lp.softcap == 0.0 for lp in plan.layers) and plan.warnings
+    with caplog.at_level(logging.WARNING, logger="braid_backend"):
+        report = braid_backend.patch(model)
+    assert report.ok and any("attn_logit_softcapping" in e for e in report.events), report.events
+    assert "attn_logit_softcapping" in str(report)
+    assert any("attn_logit_softcapping" in r.getMessage() for r in caplog.records)
+    braid_backend.unpatch(model)
 
 
 def test_gemma_embed_scale_is_rounded_to_the_dtype():
