@@ -38,7 +38,7 @@ for s in $STAGES; do
     for grp in $groups; do
       stage "tests $grp"
       case $grp in
-        kernel) files="tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope_cache.py tests/test_kernel_attention.py"; sel="" ;;
+        kernel) files="tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope_cache.py tests/test_kernel_attention.py tests/test_kernel_greedy_select.py"; sel="" ;;
         reliability) files=tests/test_gpu_reliability.py; sel="-m gpu" ;;
         gpu) files=tests/test_gpu.py; sel="-m gpu" ;;
         families) files=tests/test_families.py; sel="-m gpu" ;;

@@ -160,6 +160,7 @@ if triton is not None:
             o = _rne_bf16(o)
         tl.store(out_ptr + b * stride_om + h * HEAD_DIM + d, o.to(DT), mask=dmask)
 
+
 def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
     """Splits per (token, kv head): a pure function of shapes, so graph-safe.
 

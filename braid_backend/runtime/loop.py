@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.greedy_select import GreedyWorkspace, greedy_select
 from .graphs import GraphKey, GraphRunner
 from .interface import DecodeStep, fill_inputs
-from .sampling import SelectConfig, SelectState, select_next
+from .sampling import SelectConfig, SelectState, fused_greedy_ok, select_next
 
 
 class FastLoop:
@@ -25,6 +26,8 @@ class FastLoop:
         self.ring = torch.zeros(K, bucket, dtype=torch.long, device=dev)
         self.all_done = torch.zeros(K, dtype=torch.bool, device=dev)
         self.ones = torch.ones(bucket, 1, dtype=torch.int8, device=dev)
+        # greedy: selection, EOS tracking and the next step's inputs in two kernels instead of ~15 ops
+        self.greedy = GreedyWorkspace(bucket, step.vocab, dev) if fused_greedy_ok(sel_cfg) else None
         self.graph = None
         if runner is not None:
             rng = torch.cuda.get_rng_state(dev)
@@ -40,7 +43,15 @@ class FastLoop:
         for k in range(self.K):
             # the token being fed attends to itself: HF appends 1 to attention_mask each step
             cache.valid[:self.bucket].scatter_(1, b.slots[:, None], self.ones)
-            tok = select_next(self.step.run(cache, b), self.sel)
+            logits = self.step.run(cache, b)
+            if self.greedy is not None:
+                sel = self.sel
+                greedy_select(logits, self.greedy, done=sel.done, count=sel.count, eos=sel.eos,
+                              min_new=sel.cfg.min_new_tokens, pad=sel.cfg.pad, out_tok=self.ring[k],
+                              all_done=self.all_done[k:k + 1], ids=b.ids, pos=b.pos, slots=b.slots,
+                              kv_lens=b.kv_lens)
+                continue
+            tok = select_next(logits, self.sel)
             self.ring[k].copy_(tok)
             self.all_done[k] = self.sel.done.all()
             b.ids.copy_(tok)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.greedy_select import MAX_EOS
+
 NEG_INF = float("-inf")
 
 # hf/select.py builds a SelectConfig from the processors HF prepared for a generate() call (or says
@@ -29,6 +31,11 @@ class SelectConfig:
     min_new_tokens: int = 0      # min_length folded in (min_length - prompt length)
     eos: tuple[int, ...] = ()
     pad: int = 0
+
+
+def fused_greedy_ok(cfg: SelectConfig) -> bool:
+    """Settings kernels/greedy_select.py implements (the rest runs select_next's torch ops)."""
+    return not cfg.do_sample and cfg.repetition_penalty == 1.0 and len(cfg.eos) <= MAX_EOS
 
 
 class SelectState:
