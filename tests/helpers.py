@@ -43,3 +43,35 @@ def same(a, b) -> bool:
     if a[0] == "exc":
         return a[1] is b[1]
     return a[1].dtype == b[1].dtype and torch.equal(a[1], b[1])
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_chat_checkpoint(path) -> str:
+    """The tiny Qwen2 preset (random weights, vocab 307, lm_head untied) + a 300-token byte-level BPE
+    tokenizer trained on the bench's prompts, with Qwen-style special tokens (<|im_end|> is id 2, the
+    model's eos) and a chat template: what a small chat checkpoint folder looks like, built without any
+    download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from braid_backend.bench.prompts import PROMPTS
+    from braid_backend.testing.presets import build_model
+
+    path = str(path)
+    # untied lm_head: with tied random embeddings greedy decoding just repeats the last prompt token
+    model = build_model("tiny", dtype=torch.float32, tie_word_embeddings=False)
+    model.save_pretrained(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(PROMPTS) * 3 + ["user assistant system hello there"], trainer=trainer)
+    assert tok.get_vocab_size() <= model.config.vocab_size and tok.token_to_id("<|im_end|>") == 2
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path

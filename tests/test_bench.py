@@ -1,5 +1,7 @@
 """braid-bench through its real CLI: tiny preset end to end on CPU (variants in subprocesses), crash and
-timeout recording, argument errors. One shared run keeps the file around two minutes on 2 cores."""
+timeout recording (with the reason on the console), never a negative time, progress bar, plot, a real
+checkpoint folder with a tokenizer (text prompts, side-by-side text sample), argument errors. Two shared
+runs keep the file around two minutes on 2 cores."""
 from __future__ import annotations
 
 import contextlib
@@ -7,15 +9,19 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+from helpers import save_tiny_chat_checkpoint
 
-from braid_backend.bench import cli, report
-from braid_backend.bench.runner import model_facts
+from braid_backend.bench import cli, report, runner
+from braid_backend.bench.prompts import PROMPTS
+from braid_backend.bench.runner import CRASH_LINE, model_facts
 from braid_backend.testing.presets import build_model
 
 TINY = ["--model", "tiny", "--device", "cpu", "--prompt-len", "8", "--check-prompt-len", "8", "--check-steps", "1"]
@@ -32,9 +38,9 @@ def run_cli(argv):
     return rc, out.getvalue(), err.getvalue()
 
 
-def _run(tmp_path_factory, argv):
+def _run(tmp_path_factory, argv, base=TINY):
     out_dir = tmp_path_factory.mktemp("bench") / "run"
-    rc, out, err = run_cli(TINY + argv + ["--out-dir", str(out_dir)])
+    rc, out, err = run_cli(base + argv + ["--out-dir", str(out_dir)])
     doc = json.loads((out_dir / "results.json").read_text())
     return {"rc": rc, "stdout": out, "stderr": err, "dir": out_dir, "doc": doc}
 
@@ -48,10 +54,15 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def braid_run(tmp_path_factory):
-    """The patched model: every fused decode step costs seconds in the Triton interpreter, so the minimum
-    (first call 1 step + 1 rep of 1 step + 1 teacher-forced check step)."""
-    return _run(tmp_path_factory, ["--batch-sizes", "1", "--new-tokens", "2", "--reps", "1", "--warmup", "0",
-                                   "--variants", "braid-eager"])
+    """A real checkpoint folder (tiny random Qwen2 + byte-level BPE tokenizer + chat template) against the
+    patched model: every fused decode step costs seconds in the Triton interpreter, so the minimum (first
+    call 1 step + 1 rep of 1 step + 1 teacher-forced check step)."""
+    ckpt = save_tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    r = _run(tmp_path_factory, ["--batch-sizes", "1", "--new-tokens", "2", "--reps", "1", "--warmup", "0",
+                                "--variants", "stock,braid-eager"],
+             base=["--model", ckpt, "--device", "cpu", "--check-prompt-len", "8", "--check-steps", "1"])
+    r["ckpt"] = ckpt
+    return r
 
 
 def rows_of(doc, variant):
@@ -70,20 +81,32 @@ def test_end_to_end_json(tiny_run):
     assert env["args"]["batch_sizes"] == [1, 2] and env["args"]["new_tokens"] == 16
     assert [(r["variant"], r["batch"]) for r in doc["results"]] == [(v, b) for v in VARIANTS for b in (1, 2)]
     assert any("TRITON_INTERPRET=1" in n for n in doc["notes"])
+    assert doc["schema_version"] == 2 and doc["env"]["timer"] == "time.perf_counter"
+    assert doc["prompts"]["source"] == "random" and doc["samples"] is None
+
+    def decode(v, b):
+        d = rows_of(doc, v)[b]["decode_ms_per_step"]
+        return d["median"] if d else None
 
     for v in ("stock", "hf-static"):
         for b, r in rows_of(doc, v).items():
             assert r["status"] == "ok", (v, b, r["error"], r["stderr_tail"])
             for k in ("prefill_ms", "decode_ms_per_step", "e2e_ms"):
                 st = r[k]
+                if st is None:     # a shared 2-core CPU can be that noisy; test_never_negative checks the note
+                    assert k == "decode_ms_per_step" and k in r["below_noise"], (v, b, r)
+                    continue
                 assert 0 < st["min"] <= st["median"] <= st["max"] and st["n"] == 3, (v, b, k, st)
-            assert r["tok_s"] == pytest.approx(b * 1000 / r["decode_ms_per_step"]["median"])
             assert r["first_call_s"] > 0 and r["peak_mem_mib"] is None and r["bw_limit_pct"] is None
-            assert r["new_tokens_generated"] == 16
-            stock = rows_of(doc, "stock")[b]["decode_ms_per_step"]["median"]
-            assert r["speedup_vs_stock"] == pytest.approx(stock / r["decode_ms_per_step"]["median"])
-            hf = rows_of(doc, "hf-static")[b]["decode_ms_per_step"]["median"]
-            assert r["speedup_vs_hf_static"] == pytest.approx(hf / r["decode_ms_per_step"]["median"])
+            assert r["new_tokens_generated"] == 16 and r["prompt_len"] == 8 and r["sample"] is None
+            d = decode(v, b)
+            if d is None:
+                assert r["tok_s"] is None and r["speedup_vs_stock"] is None and r["speedup_vs_hf_static"] is None
+                continue
+            assert r["tok_s"] == pytest.approx(b * 1000 / d)
+            for base, key in (("stock", "speedup_vs_stock"), ("hf-static", "speedup_vs_hf_static")):
+                bd = decode(base, b)
+                assert r[key] == (pytest.approx(bd / d) if bd else None), (v, b, key)
         assert rows_of(doc, "hf-static")[b]["greedy_agreement"] == 1.0   # HF's static cache: same math
         assert rows_of(doc, "stock")[b]["greedy_agreement"] is None
     # the reference tokens came from the stock variant's own run, not a second stock generate
@@ -110,8 +133,10 @@ def test_braid_eager_ok_with_correctness(braid_run):
     assert report.validate(doc) == []
     r = rows_of(doc, "braid-eager")[1]
     assert r["status"] == "ok", (r["error"], r["stderr_tail"])
-    assert r["tok_s"] > 0 and r["new_tokens_generated"] == 2
-    assert r["speedup_vs_stock"] is None      # stock not in this run
+    assert r["tok_s"] > 0 and r["new_tokens_generated"] == 2   # a fused step (seconds here) is far above noise
+    stock = rows_of(doc, "stock")[1]["decode_ms_per_step"]
+    assert r["speedup_vs_stock"] == (pytest.approx(stock["median"] / r["decode_ms_per_step"]["median"])
+                                     if stock else None)
     chk = r["correctness"]
     assert "error" not in chk, chk.get("error")
     assert 0 < chk["stock_err"] < 0.1 and math.isfinite(chk["variant_err"])
@@ -138,6 +163,86 @@ def test_crash_recorded_and_run_goes_on(tiny_run):
     assert all(r["status"] == "ok" for r in rows_of(doc, "hf-static").values())   # ran after the crash
 
 
+def test_crash_reason_on_console(tiny_run):
+    """The reason (the last lines of the variant's log) is on the console, not only in logs/crash.log."""
+    out, err = tiny_run["stdout"], tiny_run["stderr"]
+    assert CRASH_LINE in (tiny_run["dir"] / "logs" / "crash.log").read_text()
+    assert CRASH_LINE in err                  # as it happens
+    summary = out[out.index("variant crash crashed (signal SIGABRT) at batch 2; last lines of"):]
+    assert CRASH_LINE in summary and "Fatal Python error: Aborted" in summary   # faulthandler's stack follows
+    assert len([ln for ln in summary.splitlines() if ln.startswith("    | ")]) <= cli.LOG_LINES
+
+
+def test_progress_bar_with_eta(tiny_run):
+    err = tiny_run["stderr"]
+    bars = [ln for ln in err.splitlines() if "%|" in ln and "ETA" in ln]
+    assert bars, err[-2000:]
+    # ends at 100% although the crash skipped calls; counted in generated tokens (3 variants x 2 batches)
+    total = 3 * 2 * (16 + (1 + 3) * 17)
+    assert "100%|" in bars[-1] and f"{total}/{total} tok" in bars[-1] and "ETA 00:00" in bars[-1], bars[-1]
+    assert "[braid-bench:tick]" not in err
+    assert "[braid-bench:tick]" not in (tiny_run["dir"] / "logs" / "stock.log").read_text()
+
+
+def _all_rows(*runs):
+    return [(run["doc"], r) for run in runs for r in run["doc"]["results"]]
+
+
+def test_never_negative(tiny_run, braid_run):
+    """Every time reported is > 0, or None with the field named in below_noise and a note saying so."""
+    for doc, r in _all_rows(tiny_run, braid_run):
+        if r["status"] != "ok":
+            continue
+        for k in ("prefill_ms", "e2e_ms"):
+            assert r[k]["min"] > 0, (r["variant"], k, r[k])
+        assert r["first_call_s"] > 0
+        for k in ("decode_ms_per_step", "first_call_overhead_s"):
+            if r[k] is None:
+                assert k in r["below_noise"] and any("below noise" in n for n in r["notes"]), (r["variant"], k)
+                assert any("below noise" in n for n in doc["notes"])
+            else:
+                assert k not in r["below_noise"]
+                assert (r[k]["min"] if k == "decode_ms_per_step" else r[k]) > 0, (r["variant"], k, r[k])
+        assert r["tok_s"] is None or r["tok_s"] > 0
+        assert all(x > 0 for x in r["timings_ms"].get("decode_per_step", []))
+
+
+class _ScriptedTimer:
+    """runner.Timer stand-in: returns the scripted durations (s) in call order, runs nothing."""
+    cuda = False
+
+    def __init__(self, seconds):
+        self.seconds = list(seconds)
+
+    def __call__(self, fn):
+        return torch.zeros(1, 8 + 4, dtype=torch.long), self.seconds.pop(0)
+
+
+@pytest.mark.parametrize("script, decode_ok, first_ok", [
+    # first, then (generate(1), generate(4)) per rep: generate(4) not slower than generate(1) -> below noise
+    ([0.30, 0.20, 0.19, 0.21, 0.18, 0.20, 0.20], False, True),
+    # a clear difference, the first call no slower than the reps -> decode measured, first-call below noise
+    ([0.10, 0.02, 0.11, 0.021, 0.112, 0.019, 0.109], True, False),
+    # the difference (10 ms) inside the 40 ms spread of the repeats -> below noise, never negative
+    ([0.50, 0.02, 0.03, 0.06, 0.07, 0.02, 0.029], False, True),
+])
+def test_time_batch_below_noise(script, decode_ok, first_ok, capsys):
+    spec = {"new_tokens": 4, "warmup": 0, "reps": 3}
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=2))
+    row, _ = runner.time_batch(model, torch.zeros(1, 8, dtype=torch.long), spec, {}, _ScriptedTimer(script), "t b=1")
+    assert (row["decode_ms_per_step"] is not None) == decode_ok and (row["tok_s"] is not None) == decode_ok
+    assert (row["first_call_overhead_s"] is not None) == first_ok
+    assert ("decode_ms_per_step" in row["below_noise"]) != decode_ok
+    assert ("first_call_overhead_s" in row["below_noise"]) != first_ok
+    if decode_ok:
+        assert row["decode_ms_per_step"]["min"] > 0 and row["tok_s"] > 0
+    else:
+        assert any("decode below noise" in n for n in row["notes"])
+    for n in row["notes"]:     # no negative time in the explanation either
+        assert not re.search(r"(?<![\w-])-\d", n), n
+    assert "[braid-bench:tick] 4" in capsys.readouterr().out
+
+
 def test_outputs_table_markdown_plot(tiny_run):
     d, out, err = tiny_run["dir"], tiny_run["stdout"], tiny_run["stderr"]
     assert "rep 3/3" in err and "variant stock: starting" in err          # progress while it runs
@@ -149,6 +254,91 @@ def test_outputs_table_markdown_plot(tiny_run):
     assert sum(line.startswith("| hf-static |") for line in md.splitlines()) == 2
     png = (d / "tokps.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 2000
+
+
+def _inside(fig, ax, artists):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    r = fig.canvas.get_renderer()
+    box = ax.get_window_extent(r)
+    for a in artists:
+        bb = a.get_window_extent(r)
+        assert (bb.x0 >= box.x0 - 1 and bb.x1 <= box.x1 + 1 and bb.y0 >= box.y0 - 1 and bb.y1 <= box.y1 + 1), \
+            (a, bb, box)
+
+
+def _legend(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plot_every_variant_labels_inside(tiny_run):
+    """Bars + a tok/s-vs-batch line plot (two batch sizes); every variant in both legends, the crashed one
+    marked in the bars; every label inside its axes."""
+    fig = report.figure(tiny_run["doc"])
+    bars, lines = fig.axes
+    assert _legend(bars) == VARIANTS and _legend(lines) == VARIANTS
+    assert any(t.get_text() == "crash: crashed" for t in bars.texts)
+    assert lines.get_xscale() == "log" and list(lines.get_xticks()) == [1, 2]
+    drawn = {ln.get_label() for ln in lines.get_lines()}
+    ok = {r["variant"] for r in tiny_run["doc"]["results"] if r["tok_s"]}
+    assert drawn == ok
+    _inside(fig, bars, bars.texts + [bars.get_legend()])
+
+
+def _row(variant, batch, tok_s=None, status="ok", below=()):
+    dec = {"median": batch * 1000 / tok_s, "min": 1.0, "max": 2.0, "n": 3} if tok_s else None
+    return {"variant": variant, "batch": batch, "status": status, "tok_s": tok_s, "decode_ms_per_step": dec,
+            "tok_s_range": {"min": tok_s * 0.9, "max": tok_s * 1.1} if tok_s else None, "below_noise": list(below)}
+
+
+def test_plot_synthetic_one_batch():
+    """One batch size: bars only. The stock bar is tiny next to braid (log scale keeps it visible), a
+    below-noise and a crashed variant are still in the legend, with a note inside the axes."""
+    doc = {"model": {"name": "m"}, "env": {"args": {"dtype": "bf16"}, "gpu_name": "GPU"},
+           "results": [_row("stock", 1, 30.0), _row("hf-static", 1, below=["decode_ms_per_step"]),
+                       _row("braid", 1, 1300.0), _row("braid-eager", 1, status="crashed")]}
+    fig = report.figure(doc)
+    (ax,) = fig.axes
+    assert _legend(ax) == ["stock", "hf-static", "braid", "braid-eager"]
+    assert ax.get_yscale() == "log"
+    assert len(ax.patches) == 2 and min(p.get_height() for p in ax.patches) == 30.0
+    assert {t.get_text() for t in ax.texts} >= {"hf-static: below noise", "braid-eager: crashed", "30", "1300"}
+    _inside(fig, ax, ax.texts + [ax.get_legend()])
+
+
+def test_real_checkpoint_text_prompts_and_sample(braid_run):
+    """-m <folder with a tokenizer>: the built-in prompts through the chat template, and a text sample of
+    stock vs braid side by side on the console and in results.json / results.md."""
+    doc, out = braid_run["doc"], braid_run["stdout"]
+    assert doc["model"]["source"] == "path" and doc["model"]["config_class"] == "Qwen2Config"
+    pr = doc["prompts"]
+    assert pr["source"] == "text" and pr["chat_template"] is True and pr["texts"] == [PROMPTS[0]]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(braid_run["ckpt"])
+    templated = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                                        tokenize=False)
+    n_prompt = len(tok(templated, add_special_tokens=False)["input_ids"])
+    assert pr["tokens"] == {"1": n_prompt}
+    outputs = doc["samples"]["outputs"]
+    assert doc["samples"]["prompt"] == PROMPTS[0] and set(outputs) == {"stock", "braid-eager"}
+    for v in ("stock", "braid-eager"):
+        r = rows_of(doc, v)[1]
+        assert r["prompt_len"] == n_prompt and r["sample"]["prompt"] == PROMPTS[0]
+        assert r["sample"]["output"] == outputs[v]
+    # the stock sample is what the stock model's greedy tokens decode to (the run's own first call)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(braid_run["ckpt"], dtype=torch.bfloat16).eval()
+    enc = tok(templated, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=2)
+    assert outputs["stock"] == tok.decode(ref[0, n_prompt:], skip_special_tokens=True)
+    assert f"text sample (batch 1, first prompt): {PROMPTS[0]!r}" in out
+    head = next(ln for ln in out.splitlines() if "stock" in ln and "braid-eager" in ln)
+    assert head.index("stock") < head.index("braid-eager")         # side by side: one column each
+    assert "Text sample (batch 1" in (braid_run["dir"] / "results.md").read_text()
 
 
 def test_timeout_recorded(tmp_path):
@@ -170,6 +360,7 @@ def test_timeout_recorded(tmp_path):
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
     (["--reps", "two"], "--reps must be an integer"),
     (["--dtype", "int4"], "invalid choice: 'int4'"),
+    (["--prompts", "text"], "--prompts text needs a checkpoint with a tokenizer"),
 ])
 def test_bad_arguments(argv, message, tmp_path, capsys):
     out_dir = tmp_path / "never"
@@ -231,9 +422,13 @@ def test_gpu_tiny_end_to_end(tmp_path):
                             "--new-tokens", "16", "--reps", "2", "--warmup", "1", "--variants", "all",
                             "--out-dir", str(tmp_path)])
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert report.validate(doc) == []
+    try:
+        assert report.validate(doc) == []
+    except ImportError:     # the GPU machine's image may lack jsonschema (the CPU tests need it)
+        pass
     assert doc["copy_bw_gbs"] > 100 and doc["env"]["gpu_name"]
     for r in doc["results"]:
         assert r["status"] == "ok", (r["variant"], r["batch"], r["error"], r["stderr_tail"])
-        assert r["peak_mem_mib"] > 0 and r["bw_limit_pct"] > 0
+        assert r["peak_mem_mib"] > 0
+        assert (r["bw_limit_pct"] or 0) > 0 or "decode_ms_per_step" in r["below_noise"], r
     assert rc == 0

@@ -1,7 +1,9 @@
 """braid-bench: A/B benchmark of stock transformers against the braid-patched model.
 
 Each variant runs in its own subprocess (braid_backend.bench.runner), so a crash in one is recorded
-and the rest go on. Writes results.json, results.md and tokps.png to --out-dir.
+(with the last lines of its log on the console) and the rest go on. A progress bar with an ETA (tqdm)
+counts the tokens the timed generate() calls produce. Writes results.json, results.md and tokps.png
+to --out-dir.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,23 +23,28 @@ import tempfile
 import threading
 import time
 
+from tqdm import tqdm
+
 from . import report
-from .runner import INTERPRET_NOTE, PROGRESS
+from .runner import INTERPRET_NOTE, PROGRESS, TICK
 
 VARIANTS = ("stock", "hf-static", "braid", "braid-eager")
 DEFAULT_VARIANTS = ("stock", "hf-static", "braid")
 TEST_VARIANTS = ("crash", "hang")   # test aids, not listed in --help
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# Defaults: (GPU, CPU). On CPU the Triton interpreter takes seconds per fused decode step, so everything
-# is tiny there: a bare `braid-bench` on a GPU-less machine is a smoke test that finishes in ~2 minutes.
+# Defaults: (GPU, CPU). On CPU the Triton interpreter takes ~3 s per fused decode step, so a bare
+# `braid-bench` on a GPU-less machine is a smoke test (~2-3 minutes). 8 new tokens x 3 reps keep the
+# difference generate(8) - generate(1) well above the CPU timer noise (the spread of the repeats) for
+# every variant; the first call warms up, so no extra warm-up there.
 DEFAULTS = {
     "model": ("qwen2.5-0.5b", "qwen2.5-0.5b"), "batch_sizes": ([1, 16], [1]), "prompt_len": (128, 8),
-    "new_tokens": (256, 2), "warmup": (2, 0), "reps": (3, 2), "check_prompt_len": (64, 8), "check_steps": (16, 1),
+    "new_tokens": (256, 8), "warmup": (2, 0), "reps": (3, 3), "check_prompt_len": (64, 8), "check_steps": (16, 1),
 }
+LOG_LINES = 25   # log lines shown on the console for a crashed variant
 
 
 def _say(msg: str) -> None:
-    print(f"{PROGRESS} {msg}", file=sys.stderr, flush=True)
+    tqdm.write(f"{PROGRESS} {msg}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- arguments
@@ -94,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="braid-bench",
         description="A/B benchmark: stock transformers vs HF static cache vs braid_backend.patch(), each variant "
                     "in its own subprocess. Without a GPU, big presets are replaced by the tiny preset.",
-        epilog="Defaults (GPU / CPU): batch 1,16 / 1; prompt 128 / 8; new tokens 256 / 2; warm-ups 2 / 0; "
-               "reps 3 / 2; logits check prompt 64 / 8, steps 16 / 1.")
+        epilog="Defaults (GPU / CPU): batch 1,16 / 1; prompt 128 / 8; new tokens 256 / 8; warm-ups 2 / 0; "
+               "reps 3 / 3; logits check prompt 64 / 8, steps 16 / 1.")
     p.add_argument("-m", "--model", default=None,
                    help=f"preset ({', '.join(ALL_PRESETS)}; real configs, random weights), a local checkpoint "
                         "folder or a hub id (org/name). Default qwen2.5-0.5b")
@@ -104,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: cuda if available, else cpu (Triton kernels then run under TRITON_INTERPRET=1)")
     p.add_argument("-b", "--batch-sizes", type=_batch_list, default=None, metavar="B1,B2,...",
                    help="batch sizes to sweep")
-    p.add_argument("-p", "--prompt-len", type=_positive("--prompt-len"), default=None, help="random prompt tokens")
+    p.add_argument("-p", "--prompt-len", type=_positive("--prompt-len"), default=None,
+                   help="random prompt tokens (not used with text prompts)")
+    p.add_argument("--prompts", choices=("auto", "text", "random"), default="auto",
+                   help="auto: the built-in text prompts through the model's tokenizer and chat template when "
+                        "the checkpoint has a tokenizer (a text sample of each variant is printed), else random "
+                        "tokens; presets have no tokenizer")
     p.add_argument("-n", "--new-tokens", type=_positive("--new-tokens"), default=None,
                    help="tokens generated per call (>= 2; min_new_tokens = max_new_tokens)")
     p.add_argument("--reps", type=_positive("--reps"), default=None, help="timed repetitions (median, min/max)")
@@ -124,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a big preset on CPU instead of switching to the tiny preset")
     p.add_argument("--strict", action="store_true", help="exit 1 if any variant/batch did not finish ok")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the variant subprocesses' full output")
+    p.add_argument("--no-bar", action="store_true", help="no progress bar (the progress lines still print)")
     return p
 
 
@@ -155,6 +169,8 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
         parser.error(f"unknown model {requested!r}: not a preset ({', '.join(ALL_PRESETS)}), "
                      "not an existing path, not a hub id (org/name)")
     model = requested
+    if args.prompts == "text" and source == "preset":
+        parser.error("--prompts text needs a checkpoint with a tokenizer; presets have random weights and no tokenizer")
     if cpu and source == "preset" and requested in PRESETS and not args.allow_big_on_cpu:
         model = "tiny"
         notes.append(f"no GPU: running the tiny preset (tiny-qwen2, random weights) instead of {requested} "
@@ -164,7 +180,7 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
         notes.append("CPU run: no copy bandwidth (% of BW limit) and no peak GPU memory")
     s.update(model=model, requested_model=requested, model_source=source, device=device,
              dtype=args.dtype, variants=args.variants or list(DEFAULT_VARIANTS), check=args.check,
-             agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout)
+             agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout, prompts=args.prompts)
     return s, notes
 
 
@@ -183,13 +199,15 @@ def _child_env(device: str) -> dict:
     return env
 
 
-def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool) -> dict:
-    """Run one worker; returns {"records", "returncode", "timed_out", "tail", "wall_s"}."""
+def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool, on_tick=None) -> dict:
+    """Run one worker; returns {"records", "returncode", "timed_out", "tail", "wall_s"}. Its progress lines
+    go to the console (all lines with verbose), its tick lines to on_tick(units), the rest to the log."""
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.jsonl")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        cmd = [sys.executable, "-m", "braid_backend.bench.runner", spec_path, out_path]
+        # faulthandler: a segfault or abort leaves the Python stack in the log
+        cmd = [sys.executable, "-X", "faulthandler", "-m", "braid_backend.bench.runner", spec_path, out_path]
         tail = collections.deque(maxlen=60)
         log = open(log_path, "w") if log_path else None
         t0 = time.perf_counter()
@@ -198,13 +216,19 @@ def run_child(spec: dict, timeout: float, device: str, log_path: str | None, ver
 
         def pump():
             for line in proc.stdout:
+                if line.startswith(TICK):
+                    if on_tick:
+                        try:
+                            on_tick(int(line[len(TICK):]))
+                        except ValueError:
+                            pass
+                    continue
                 tail.append(line)
                 if log:
                     log.write(line)
                     log.flush()
                 if verbose or line.startswith(PROGRESS):
-                    sys.stderr.write("  " + line)
-                    sys.stderr.flush()
+                    tqdm.write("  " + line.rstrip("\n"), file=sys.stderr)
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -252,9 +276,18 @@ def _failure_reason(res: dict, timeout: float) -> str:
     return f"exit code {rc}"
 
 
+def log_excerpt(tail: str, n: int = LOG_LINES) -> list[str]:
+    """The lines that say why a worker died: from its last progress line (what it was doing) to the end
+    (traceback, fatal-error stack, the test aid's message), at most the last n, each cut to 300 chars."""
+    lines = [ln.rstrip() for ln in tail.splitlines() if ln.strip()]
+    last = max((i for i, ln in enumerate(lines) if ln.startswith(PROGRESS)), default=0)
+    lines = lines[last:][-n:]
+    return [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines]
+
+
 def _blank_row(variant, batch):
-    row = {k: None for k in report.ROW_SCHEMA}
-    row.update(variant=variant, batch=batch, status="ok", notes=[])
+    row = {k: None for k in report.ROW_KEYS}
+    row.update(variant=variant, batch=batch, status="ok", notes=[], below_noise=[])
     return row
 
 
@@ -279,8 +312,10 @@ def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict
                        error=None if failed else "worker exited 0 without a result for this batch")
             if facts_box.get("facts"):
                 f = facts_box["facts"]
+                plen = (((meta or {}).get("prompts") or {}).get("tokens") or {}).get(str(b)) or s["prompt_len"]
+                row["prompt_len"] = plen
                 row["bytes_per_step"] = int(f["weight_bytes"] + f["kv_bytes_per_token"] * b
-                                            * (s["prompt_len"] + s["new_tokens"] / 2))
+                                            * (plen + s["new_tokens"] / 2))
         if meta:
             row["notes"] = list(meta.get("notes") or []) + list(row.get("notes") or [])
             row["patch"] = meta.get("patch")
@@ -291,10 +326,10 @@ def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict
 def add_ratios(rows: list[dict], copy_bw_gbs) -> None:
     def dec(variant, b):
         r = next((r for r in rows if r["variant"] == variant and r["batch"] == b and r["status"] == "ok"), None)
-        return r["decode_ms_per_step"]["median"] if r else None
+        return r["decode_ms_per_step"]["median"] if r and r.get("decode_ms_per_step") else None
 
     for r in rows:
-        if r["status"] != "ok":
+        if r["status"] != "ok" or not r.get("decode_ms_per_step"):   # failed, or decode below noise
             continue
         d = r["decode_ms_per_step"]["median"]
         for base, key in (("stock", "speedup_vs_stock"), ("hf-static", "speedup_vs_hf_static")):
@@ -339,6 +374,58 @@ def _git_commit():
         return None
 
 
+class _BarLines:
+    """Where the progress bar goes when stderr is not a terminal (a log file, a pipe, a test): each
+    refresh becomes a line of its own, at most one every `every` seconds, plus the last one."""
+
+    def __init__(self, f, every: float):
+        self.f, self.every, self.last, self.pending = f, every, -1e9, None
+        self.encoding = getattr(f, "encoding", None) or "utf-8"
+
+    def write(self, s: str) -> None:
+        s = s.split("\r")[-1].strip() if s.strip() else ""
+        if not s:
+            return
+        self.pending = s
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.finish()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def finish(self) -> None:
+        if self.pending:
+            self.f.write(self.pending + "\n")
+            self.f.flush()
+            self.pending = None
+
+
+def _units(s: dict) -> int:
+    """Progress-bar units of one variant: tokens per sequence of its timed generate() calls."""
+    n = s["new_tokens"]
+    return len(s["batch_sizes"]) * (n + (s["warmup"] + s["reps"]) * (n + 1))
+
+
+def collect_samples(rows: list[dict]) -> dict | None:
+    """The text sample of each variant for the first batch size that has any (text prompts only)."""
+    for b in sorted({r["batch"] for r in rows}):
+        got = {r["variant"]: r["sample"] for r in rows if r["batch"] == b and r.get("sample")}
+        if got:
+            first = next(iter(got.values()))
+            return {"batch": b, "prompt": first["prompt"], "outputs": {v: x["output"] for v, x in got.items()}}
+    return None
+
+
+def _width(table: bool) -> int:
+    """Console width for rich: the terminal's on a TTY; else no wrapping for the results table and
+    120 columns for the text sample."""
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return 1000 if table else 120
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -347,8 +434,10 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     for n in notes:
         _say("NOTE: " + n)
+    prompt_desc = (f"prompt {s['prompt_len']}" if s["prompts"] == "random" or s["model_source"] == "preset"
+                   else f"prompts {s['prompts']} (text if the checkpoint has a tokenizer)")
     _say(f"model {s['model']} {s['dtype']} on {s['device']}; variants {','.join(s['variants'])}; "
-         f"batch {s['batch_sizes']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, "
+         f"batch {s['batch_sizes']}, {prompt_desc}, new tokens {s['new_tokens']}, "
          f"warm-up {s['warmup']}, reps {s['reps']}; output {out_dir}")
 
     probe = None
@@ -363,33 +452,66 @@ def main(argv=None) -> int:
                  f"copy {report._f(probe['copy_bw_gbs'], '{:.0f} GB/s', 'not measured')}")
     copy_bw = probe.get("copy_bw_gbs") if probe else None
 
-    spec_keys = ("model", "dtype", "device", "batch_sizes", "prompt_len", "new_tokens", "warmup", "reps",
-                 "seed", "check", "check_prompt_len", "check_steps", "agreement")
-    rows, facts_box = [], {}
+    spec_keys = ("model", "model_source", "dtype", "device", "batch_sizes", "prompt_len", "new_tokens", "warmup",
+                 "reps", "seed", "check", "check_prompt_len", "check_steps", "agreement", "prompts")
+    rows, facts_box, metas, failures = [], {}, {}, []
     # stock runs first: its greedy tokens are the reference for the others' agreement (saves re-generating).
     order = sorted(s["variants"], key=lambda v: v != "stock")
+    per_variant = _units(s)
+    tty = sys.stderr.isatty()
+    bar_out = sys.stderr if tty else _BarLines(sys.stderr, every=30.0)
+    bar = tqdm(total=per_variant * len(order), unit="tok", file=bar_out, disable=args.no_bar,
+               dynamic_ncols=tty, ncols=None if tty else 100, mininterval=0.5,
+               bar_format="{desc}{percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} tok "
+                          "[{elapsed} elapsed, ETA {remaining}]")
     run_tmp = tempfile.TemporaryDirectory(prefix="braid-bench-run-")
     tokens_path = os.path.join(run_tmp.name, "stock_tokens.json")
-    for i, v in enumerate(order):
-        _say(f"({i + 1}/{len(order)}) variant {v}: starting subprocess")
-        spec = {k: s[k] for k in spec_keys}
-        spec["variant"] = v
-        spec["tokens_out" if v == "stock" else "ref_tokens"] = tokens_path
-        res = run_child(spec, s["timeout"], s["device"], os.path.join(out_dir, "logs", f"{v}.log"), args.verbose)
-        vrows = collect_rows(v, s, res, facts_box)
-        bad = [r for r in vrows if r["status"] != "ok"]
-        if res["timed_out"] or res["returncode"] != 0:
-            _say(f"variant {v}: CRASHED ({_failure_reason(res, s['timeout'])}); recorded, continuing")
-        elif bad:
-            _say(f"variant {v}: {len(bad)} batch size(s) failed; recorded")
-        _say(f"variant {v}: done in {res['wall_s']:.1f}s")
-        rows.extend(vrows)
-    run_tmp.cleanup()
+    try:
+        for i, v in enumerate(order):
+            _say(f"({i + 1}/{len(order)}) variant {v}: starting subprocess")
+            bar.set_description(f"{v} ({i + 1}/{len(order)})", refresh=False)
+            spec = {k: s[k] for k in spec_keys}
+            spec["variant"] = v
+            spec["tokens_out" if v == "stock" else "ref_tokens"] = tokens_path
+            done = [0]
+
+            def on_tick(k, done=done):
+                k = min(k, per_variant - done[0])
+                done[0] += k
+                bar.update(k)
+
+            log_path = os.path.join(out_dir, "logs", f"{v}.log")
+            res = run_child(spec, s["timeout"], s["device"], log_path, args.verbose, on_tick)
+            bar.update(per_variant - done[0])   # a crash or error skipped calls: the bar still ends at 100%
+            meta = next((r for r in res["records"] if r.get("type") == "meta"), None)
+            if meta:
+                metas[v] = meta
+            vrows = collect_rows(v, s, res, facts_box)
+            bad = [r for r in vrows if r["status"] != "ok"]
+            if res["timed_out"] or res["returncode"] != 0:
+                reason = _failure_reason(res, s["timeout"])
+                at = [r["batch"] for r in bad]
+                excerpt = log_excerpt(res["tail"])
+                failures.append((v, reason, at, log_path, excerpt))
+                _say(f"variant {v}: CRASHED ({reason}) at batch {','.join(map(str, at)) or '-'}; recorded, "
+                     f"continuing. Last lines of {log_path}:\n" + "\n".join("    | " + ln for ln in excerpt))
+            elif bad:
+                _say(f"variant {v}: {len(bad)} batch size(s) failed; recorded")
+            _say(f"variant {v}: done in {res['wall_s']:.1f}s")
+            rows.extend(vrows)
+    finally:
+        bar.close()
+        if bar_out is not sys.stderr:
+            bar_out.finish()
+        run_tmp.cleanup()
     add_ratios(rows, copy_bw)
 
     facts = facts_box.get("facts") or {}
     run_args = {k: v for k, v in s.items()}
     run_args["out_dir"] = out_dir
+    first_meta = next(iter(metas.values()), {})
+    prompts = next((m["prompts"] for m in metas.values() if (m.get("prompts") or {}).get("source") == "text"),
+                   first_meta.get("prompts"))
     doc = {
         "schema_version": report.SCHEMA_VERSION, "tool": "braid-bench",
         "env": {
@@ -401,15 +523,19 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "platform": platform.platform(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "hostname": socket.gethostname(), "args": run_args,
-            "triton_interpret": s["device"] == "cpu",
+            "triton_interpret": s["device"] == "cpu", "timer": first_meta.get("timer"),
         },
         "device": s["device"],
         "model": {"name": s["model"], "requested": s["requested_model"], "source": s["model_source"],
                   "dtype": s["dtype"], **facts},
-        "copy_bw_gbs": copy_bw, "probe": probe, "results": rows,
+        "copy_bw_gbs": copy_bw, "probe": probe, "prompts": prompts, "samples": collect_samples(rows),
+        "results": rows,
         "notes": notes + sorted({n for r in rows for n in (r.get("notes") or [])} - set(notes)),
     }
-    problems = report.validate(doc)
+    try:
+        problems = report.validate(doc)
+    except ImportError:   # jsonschema not installed: the self-check is skipped, nothing else changes
+        problems = []
     if problems:   # a bug in this tool, not in what it measured; say so, still write everything
         doc["notes"].append("schema problems: " + "; ".join(problems))
     paths = {k: os.path.join(out_dir, f) for k, f in
@@ -424,13 +550,28 @@ def main(argv=None) -> int:
         _say(f"plot not written: {e}")
         paths.pop("png")
 
-    print()
-    print(f"braid-bench: {doc['model']['name']} {s['dtype']} on {doc['env']['gpu_name'] or 'CPU'}"
-          + (f", copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
-    print(report.terminal_table(rows))
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    plain = enc.lower().replace("-", "").replace("_", "") not in ("utf8", "utf16", "utf32")
+
+    def say(text=""):   # generated text may hold what this console can't encode
+        print(text.encode(enc, "replace").decode(enc) if plain else text)
+
+    say()
+    say(f"braid-bench: {doc['model']['name']} {s['dtype']} on {doc['env']['gpu_name'] or 'CPU'}"
+        + (f", copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
+    say(report.terminal_table(rows, width=_width(table=True), ascii_only=plain))
+    if doc["samples"]:
+        say()
+        say(report.side_by_side(doc["samples"], width=_width(table=False), ascii_only=plain))
+    for v, reason, at, log_path, excerpt in failures:
+        say()
+        say(f"variant {v} crashed ({reason}) at batch {','.join(map(str, at)) or '-'}; last lines of {log_path}:")
+        for ln in excerpt:
+            say("    | " + ln)
+    say()
     for n in doc["notes"]:
-        print(f"note: {n}")
-    print("wrote " + ", ".join(paths.values()))
+        say(f"note: {n}")
+    say("wrote " + ", ".join(paths.values()))
     n_ok = sum(r["status"] == "ok" for r in rows)
     if n_ok == 0:
         return 1

@@ -5,9 +5,17 @@ variant is recorded and the others still run. The worker appends one JSON object
 first ``{"type": "meta", ...}`` (model facts, patch report, notes), then ``{"type": "row", ...}`` per
 batch size as soon as it is measured, so rows finished before a crash survive it.
 
-Test aids (not for users): variant ``crash`` runs like ``stock`` for the first batch size, then calls
-``os.abort()``; ``hang`` sleeps forever (exercises ``--timeout``). A spec with ``"kind": "probe"``
-measures the device-to-device copy bandwidth and describes the GPU instead of running a variant.
+Progress: human-readable lines start with ``[braid-bench]``; after every timed generate() call the worker
+prints ``[braid-bench:tick] K`` (K = tokens generated per sequence), which the parent turns into its
+progress bar and ETA and leaves out of the log.
+
+Prompts: random tokens for presets; for a checkpoint with a tokenizer, the built-in text prompts
+(prompts.py) through its chat template, and the first sequence's output is decoded into a text sample.
+
+Test aids (not for users): variant ``crash`` runs like ``stock`` for the first batch size, then prints
+CRASH_LINE to stderr and calls ``os.abort()``; ``hang`` sleeps forever (exercises ``--timeout``). A spec
+with ``"kind": "probe"`` measures the device-to-device copy bandwidth and describes the GPU instead of
+running a variant.
 """
 from __future__ import annotations
 
@@ -20,7 +28,11 @@ import sys
 import time
 import traceback
 
+from .prompts import batch_prompts
+
 PROGRESS = "[braid-bench]"
+TICK = "[braid-bench:tick]"
+CRASH_LINE = "braid-bench crash test aid: simulated fatal error, aborting"
 INTERPRET_NOTE = ("TRITON_INTERPRET=1 in the variant subprocesses: Triton kernels run in the CPU interpreter "
                   "(seconds per fused step; timings not representative)")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -43,12 +55,23 @@ class Emitter:
             os.fsync(f.fileno())
 
 
+def tick(units: int) -> None:
+    print(f"{TICK} {units}", flush=True)
+
+
 def summary(xs):
-    """median/min/max of a list of floats (None if empty)."""
+    """median/min/max/mean/stdev of a list of floats (None if empty; stdev None below 2 samples)."""
     xs = [float(x) for x in xs]
     if not xs:
         return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "mean": statistics.fmean(xs), "stdev": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def noise_ms(xs) -> float:
+    """The timer noise of repeated identical calls: their spread (max - min); with a single call, 5% of
+    it (there is no spread to measure)."""
+    return max(xs) - min(xs) if len(xs) > 1 else 0.05 * xs[0]
 
 
 # ----------------------------------------------------------------------------------------- probe
@@ -142,26 +165,37 @@ def _eos_id(model):
 
 
 class Timer:
-    """Host clock around a synchronized device: nothing queued before or after escapes the span."""
+    """Seconds one call takes, the device idle before it. GPU: CUDA events (start recorded on the idle
+    device, end recorded after the call returns and waited for, so host work inside the call counts);
+    CPU: time.perf_counter."""
 
     def __init__(self, device):
         import torch
 
         self.cuda = device.type == "cuda"
         self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.name = "CUDA events around each generate() call" if self.cuda else "time.perf_counter"
 
     def __call__(self, fn):
-        self.sync()
-        t0 = time.perf_counter()
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = fn()
+            return out, time.perf_counter() - t0
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
         out = fn()
-        self.sync()
-        return out, time.perf_counter() - t0
+        end.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(end) / 1e3
 
 
-def make_generate(model, prompt, extra: dict):
+def make_generate(model, prompt, extra: dict, mask=None):
     import torch
 
-    mask = torch.ones_like(prompt)
+    mask = torch.ones_like(prompt) if mask is None else mask
     pad = _eos_id(model)
 
     def gen(n: int):
@@ -170,12 +204,14 @@ def make_generate(model, prompt, extra: dict):
     return gen
 
 
-def time_batch(model, prompt, spec: dict, extra: dict, timer: Timer, label: str) -> tuple[dict, object]:
-    """prefill = generate(1); decode/step = (generate(N) - generate(1)) / (N - 1); first call excluded."""
+def time_batch(model, prompt, spec: dict, extra: dict, timer: Timer, label: str, mask=None) -> tuple[dict, object]:
+    """prefill = generate(1); decode/step = (generate(N) - generate(1)) / (N - 1), paired per rep; the first
+    call is excluded and reported apart. A difference that is not above the timer noise (the spread of
+    the repeats, noise_ms) is reported as None with a "below noise" note, never as a negative time."""
     import torch
 
     n, warmup, reps = spec["new_tokens"], spec["warmup"], spec["reps"]
-    gen = make_generate(model, prompt, extra)
+    gen = make_generate(model, prompt, extra, mask)
     T = prompt.shape[1]
     if timer.cuda:
         gc.collect()
@@ -183,35 +219,53 @@ def time_batch(model, prompt, spec: dict, extra: dict, timer: Timer, label: str)
         torch.cuda.reset_peak_memory_stats()
     progress(f"{label}: first call (generate {n})")
     out, t_first = timer(lambda: gen(n))
+    tick(n)
     tokens = out[:, T:].detach().cpu()
     for w in range(warmup):
         progress(f"{label}: warm-up {w + 1}/{warmup}")
         timer(lambda: gen(1))
+        tick(1)
         timer(lambda: gen(n))
+        tick(n)
     t1s, tns = [], []
     for r in range(reps):
         progress(f"{label}: rep {r + 1}/{reps}")
         _, t1 = timer(lambda: gen(1))
+        tick(1)
         _, tn = timer(lambda: gen(n))
+        tick(n)
         t1s.append(t1 * 1e3)
         tns.append(tn * 1e3)
-    decode = [(tn - t1) / (n - 1) for t1, tn in zip(t1s, tns)]
-    dec = summary(decode)
     b = prompt.shape[0]
-    tok_s = b * 1000.0 / dec["median"] if dec["median"] > 0 else None
+    diffs = [tn - t1 for t1, tn in zip(t1s, tns)]
+    noise = max(noise_ms(t1s), noise_ms(tns))
+    notes, below = [], []
+    if min(diffs) > 0 and statistics.median(diffs) > noise:
+        decode = [d / (n - 1) for d in diffs]
+        dec = summary(decode)
+    else:
+        decode, dec = None, None
+        below.append("decode_ms_per_step")
+        notes.append(f"{label}: decode below noise: generate({n}) {statistics.median(tns):.1f} ms vs generate(1) "
+                     f"{statistics.median(t1s):.1f} ms (medians), noise {noise:.1f} ms; raise --new-tokens (or --reps)")
     e2e = summary(tns)
+    overhead = t_first - e2e["median"] / 1e3
+    if overhead <= noise_ms(tns) / 1e3:
+        below.append("first_call_overhead_s")
+        notes.append(f"{label}: first-call overhead below noise (first call {t_first:.3f} s, repeats "
+                     f"{e2e['median'] / 1e3:.3f} s median, noise {noise_ms(tns) / 1e3:.3f} s)")
+        overhead = None
     row = {
-        "prefill_ms": summary(t1s), "decode_ms_per_step": dec, "e2e_ms": e2e,
-        "tok_s": tok_s,
-        "tok_s_range": ({"min": b * 1000.0 / dec["max"], "max": b * 1000.0 / dec["min"]}
-                        if dec["min"] > 0 else None),
-        "first_call_s": t_first, "first_call_overhead_s": t_first - e2e["median"] / 1e3,
+        "prompt_len": int(T), "prefill_ms": summary(t1s), "decode_ms_per_step": dec, "e2e_ms": e2e,
+        "tok_s": b * 1000.0 / dec["median"] if dec else None,
+        "tok_s_range": {"min": b * 1000.0 / dec["max"], "max": b * 1000.0 / dec["min"]} if dec else None,
+        "first_call_s": t_first, "first_call_overhead_s": overhead, "below_noise": below,
+        "noise_ms": noise,
         "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if timer.cuda else None,
         "new_tokens_generated": int(tokens.shape[1]),
-        "timings_ms": {"prefill": t1s, "generate_n": tns, "decode_per_step": decode},
+        "timings_ms": {"prefill": t1s, "generate_n": tns, **({"decode_per_step": decode} if decode else {})},
+        "notes": notes,
     }
-    if dec["median"] <= 0:
-        row["notes"] = [f"decode time within timer noise (generate({n}) <= generate(1)); raise --new-tokens"]
     return row, tokens
 
 
@@ -276,7 +330,12 @@ def run_variant(spec: dict, emit: Emitter) -> None:
     facts = model_facts(model, torch.empty((), dtype=dtype).element_size())
     vocab = facts["vocab"]
     batches = spec["batch_sizes"]
-    prompts = {b: random_tokens(vocab, b, spec["prompt_len"], spec["seed"] + b, device) for b in batches}
+    tokenizer, prompt_info = load_tokenizer(spec, notes)
+    if tokenizer is not None:
+        prompts = {b: text_prompts(tokenizer, b, device) for b in batches}
+        prompt_info["tokens"] = {b: int(prompts[b][0].shape[1]) for b in batches}
+    else:
+        prompts = {b: (random_tokens(vocab, b, spec["prompt_len"], spec["seed"] + b, device), None) for b in batches}
 
     extra = {}
     if variant == "hf-static":
@@ -291,7 +350,7 @@ def run_variant(spec: dict, emit: Emitter) -> None:
 
     # One small stock forward first, so every variant's first call is measured with the device, its
     # libraries (cuBLAS, SDPA) and allocator already up: first-call overhead is then the variant's own.
-    model(input_ids=prompts[batches[0]][:1, :8], use_cache=False)
+    model(input_ids=prompts[batches[0]][0][:1, :8], use_cache=False)
     timer.sync()
 
     # Correctness inputs from the stock model, before anything changes it.
@@ -312,8 +371,9 @@ def run_variant(spec: dict, emit: Emitter) -> None:
             if b in ref_tokens and tuple(ref_tokens[b].shape) == (b, spec["new_tokens"]):
                 continue
             progress(f"{variant}: stock greedy tokens for agreement (batch {b})")
-            out = make_generate(model, prompts[b], {})(spec["new_tokens"])
-            ref_tokens[b] = out[:, prompts[b].shape[1]:].cpu()
+            ids, mask = prompts[b]
+            out = make_generate(model, ids, {}, mask)(spec["new_tokens"])
+            ref_tokens[b] = out[:, ids.shape[1]:].cpu()
     my_tokens = {}
 
     patch_info = None
@@ -327,22 +387,28 @@ def run_variant(spec: dict, emit: Emitter) -> None:
                       "dict": _to_dict(report)}
 
     emit({"type": "meta", "variant": variant, "model": facts, "load_s": load_s, "notes": notes,
-          "patch": patch_info, "generate_extra": {k: str(v) for k, v in extra.items()}})
+          "patch": patch_info, "generate_extra": {k: str(v) for k, v in extra.items()}, "prompts": prompt_info,
+          "timer": timer.name})
 
     for i, b in enumerate(batches):
         if variant == "crash" and i >= 1:
             progress("crash: test aid, calling os.abort()")
+            print(CRASH_LINE, file=sys.stderr, flush=True)
             os.abort()
         label = f"{variant} b={b}"
-        mean_ctx = spec["prompt_len"] + spec["new_tokens"] / 2  # context read by the average decode step
+        ids, mask = prompts[b]
+        mean_ctx = ids.shape[1] + spec["new_tokens"] / 2  # context read by the average decode step
         row = {"type": "row", "variant": variant, "batch": b, "status": "ok", "error": None,
                "bytes_per_step": int(facts["weight_bytes"] + facts["kv_bytes_per_token"] * b * mean_ctx),
-               "correctness": checks.get(b), "greedy_agreement": None}
+               "correctness": checks.get(b), "greedy_agreement": None, "sample": None}
         if row["correctness"] is not None:
             row["correctness"] = {k: v for k, v in row["correctness"].items() if k != "_ref"}
         try:
-            meas, tokens = time_batch(model, prompts[b], spec, extra, timer, label)
+            meas, tokens = time_batch(model, ids, spec, extra, timer, label, mask)
             row.update(meas)
+            if tokenizer is not None:
+                row["sample"] = {"prompt": batch_prompts(1)[0],
+                                 "output": tokenizer.decode(tokens[0], skip_special_tokens=True)}
             row["distinct_tokens"] = int(tokens.unique().numel())
             if tuple(tokens.shape) != (b, spec["new_tokens"]):   # then the decode figures are wrong too
                 row.update(status="error", error=f"generate() returned {tuple(tokens.shape)} new tokens, "
@@ -367,9 +433,50 @@ def run_variant(spec: dict, emit: Emitter) -> None:
             row["correctness"] = chk
         emit(row)
         _free(device)
-        if row["status"] == "ok":
-            progress(f"{label}: decode {row['decode_ms_per_step']['median']:.3f} ms/step, "
-                     f"{row['tok_s'] or 0:.1f} tok/s")
+        if row["status"] == "ok" and row["decode_ms_per_step"]:
+            progress(f"{label}: decode {row['decode_ms_per_step']['median']:.3f} ms/step, {row['tok_s']:.1f} tok/s")
+        elif row["status"] == "ok":
+            progress(f"{label}: decode below noise")
+
+
+def load_tokenizer(spec: dict, notes: list):
+    """(tokenizer or None, prompt description). spec["prompts"]: "random", "text" (a tokenizer is
+    required) or "auto" (text when the checkpoint has a tokenizer; presets never do)."""
+    mode = spec.get("prompts", "auto")
+    random_info = {"source": "random", "chat_template": False, "tokens": None, "texts": None}
+    if mode == "random" or (mode == "auto" and spec.get("model_source", "preset") == "preset"):
+        return None, random_info
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec["model"])
+    except Exception as e:
+        if mode == "text":
+            raise
+        notes.append(f"no tokenizer loaded from {spec['model']} ({type(e).__name__}: {str(e)[:200]}): "
+                     "random token prompts")
+        return None, random_info
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.pad_token = tok.convert_ids_to_tokens(0)
+    templated = bool(getattr(tok, "chat_template", None))
+    return tok, {"source": "text", "chat_template": templated, "tokens": None,
+                 "texts": batch_prompts(max(spec["batch_sizes"]))}
+
+
+def text_prompts(tok, b: int, device):
+    """(input_ids, attention_mask) of the first b built-in prompts, through the chat template if the
+    tokenizer has one, left-padded."""
+    texts = batch_prompts(b)
+    templated = bool(getattr(tok, "chat_template", None))
+    if templated:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                 for t in texts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def _load_tokens(path) -> dict:
