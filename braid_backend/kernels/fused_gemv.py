@@ -16,6 +16,7 @@ Two code paths, both exact w.r.t. the specification:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -201,7 +202,11 @@ def _prev_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-GEMV_MAX_M = 8  # above this the tensor-core path wins (tl.dot pays from ~16 rows)
+GEMV_MAX_M = 8  # rows per program of the GEMV path, and the CPU interpreter's path switch
+# GPU: the largest M served by the GEMV path; above it the tensor-core path (16-row tiles). H100, Qwen2.5-0.5B
+# step (2026-11-26, benchmarks/results/2026-11-26-h100-s3/gemv-max-m): 8 -> 2 took batch 3/4/6/8 from
+# 1.29/1.29/1.90/1.90 to 1.12/1.13/1.17/1.17 ms; batch 1/2 unchanged. BRAID_GEMV_MAX_M overrides it (A/B).
+GPU_GEMV_MAX_M = int(os.environ.get("BRAID_GEMV_MAX_M", "2"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -212,7 +217,7 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     GPU numbers are the H100 sweep of 2026-11-25 (PDL on; benchmarks/results/2026-11-25-h100/)."""
     sms = num_sms(device)
     if path is None:
-        path = "gemv" if M <= GEMV_MAX_M else "tc"
+        path = "gemv" if M <= (GEMV_MAX_M if device.type == "cpu" else GPU_GEMV_MAX_M) else "tc"
     if device.type == "cpu":
         # Triton interpreter: every program is a Python-level loop, so few big programs run the
         # CPU tests 10-50x faster than the GPU's many small ones (kernel tests force GPU configs).

@@ -39,6 +39,33 @@ PRESETS: dict[str, tuple[str, dict]] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-5,
         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    "qwen2.5-1.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)),
+    "smollm2-135m": ("LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
+    # the 7-9B models people run (issue #13)
+    "llama-3.1-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_parameters=dict(_LLAMA3_ROPE, factor=8.0), rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=128001)),
+    "qwen2.5-7b": ("Qwen2Config", dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
+    "gemma-2-9b": ("Gemma2Config", dict(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=8192, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)),
     # one real-sized config per family added for issue #6 (GPU bf16 checks; sizes from published configs)
     "gemma-2b": ("GemmaConfig", dict(
         vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
@@ -171,9 +198,22 @@ def build_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | to
 
     cfg = make_config(name, **config_overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    device = torch.device(device)
+    if device.type == "cuda" and _approx_params(cfg) > 5e9:
+        # a 7-9B model's fp32 init on the CPU needs ~32 GB of host memory and many minutes: init on the
+        # GPU instead (other random values than a CPU init of the same seed; smaller presets keep the
+        # CPU init, so their weights stay what earlier results were measured with)
+        with device:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     randomize_(model, seed)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _approx_params(cfg) -> float:
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return n * (4 * h * h + 3 * h * i) + cfg.vocab_size * h
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
