@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import save_tiny_chat_checkpoint
 
-from braid_backend.bench import cli, report, runner
+from braid_backend.bench import child, cli, report, runner
 from braid_backend.bench.prompts import PROMPTS
 from braid_backend.bench.runner import CRASH_LINE, model_facts
 from braid_backend.testing.presets import build_model
@@ -170,7 +170,7 @@ def test_crash_reason_on_console(tiny_run):
     assert CRASH_LINE in err                  # as it happens
     summary = out[out.index("variant crash crashed (signal SIGABRT) at batch 2; last lines of"):]
     assert CRASH_LINE in summary and "Fatal Python error: Aborted" in summary   # faulthandler's stack follows
-    assert len([ln for ln in summary.splitlines() if ln.startswith("    | ")]) <= cli.LOG_LINES
+    assert len([ln for ln in summary.splitlines() if ln.startswith("    | ")]) <= child.LOG_LINES
 
 
 def test_progress_bar_with_eta(tiny_run):

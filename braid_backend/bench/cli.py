@@ -8,25 +8,22 @@ to --out-dir.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime as _dt
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 from tqdm import tqdm
 
 from . import report
-from .runner import INTERPRET_NOTE, PROGRESS, TICK
+from .child import _BarLines, _failure_reason, _units, log_excerpt, run_child
+from .runner import INTERPRET_NOTE, PROGRESS
 
 VARIANTS = ("stock", "hf-static", "braid", "braid-eager")
 DEFAULT_VARIANTS = ("stock", "hf-static", "braid")
@@ -40,7 +37,6 @@ DEFAULTS = {
     "model": ("qwen2.5-0.5b", "qwen2.5-0.5b"), "batch_sizes": ([1, 16], [1]), "prompt_len": (128, 8),
     "new_tokens": (256, 8), "warmup": (2, 0), "reps": (3, 3), "check_prompt_len": (64, 8), "check_steps": (16, 1),
 }
-LOG_LINES = 25   # log lines shown on the console for a crashed variant
 
 
 def _say(msg: str) -> None:
@@ -184,107 +180,6 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
     return s, notes
 
 
-# ----------------------------------------------------------------------------------- subprocesses
-
-def _child_env(device: str) -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.basename(root) not in ("site-packages", "dist-packages"):   # a source checkout: make it importable
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)   # real kernels on the GPU, whatever the caller's shell had
-    return env
-
-
-def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool, on_tick=None) -> dict:
-    """Run one worker; returns {"records", "returncode", "timed_out", "tail", "wall_s"}. Its progress lines
-    go to the console (all lines with verbose), its tick lines to on_tick(units), the rest to the log."""
-    with tempfile.TemporaryDirectory(prefix="braid-bench-") as tmp:
-        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.jsonl")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
-        # faulthandler: a segfault or abort leaves the Python stack in the log
-        cmd = [sys.executable, "-X", "faulthandler", "-m", "braid_backend.bench.runner", spec_path, out_path]
-        tail = collections.deque(maxlen=60)
-        log = open(log_path, "w") if log_path else None
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=_child_env(device), start_new_session=True, errors="replace")
-
-        def pump():
-            for line in proc.stdout:
-                if line.startswith(TICK):
-                    if on_tick:
-                        try:
-                            on_tick(int(line[len(TICK):]))
-                        except ValueError:
-                            pass
-                    continue
-                tail.append(line)
-                if log:
-                    log.write(line)
-                    log.flush()
-                if verbose or line.startswith(PROGRESS):
-                    tqdm.write("  " + line.rstrip("\n"), file=sys.stderr)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        timed_out = False
-
-        def kill():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)   # the worker's own session: it and its children only
-            except ProcessLookupError:
-                pass
-
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill()
-            rc = proc.wait()
-        except BaseException:   # Ctrl-C: the worker is in its own session and would not see it
-            kill()
-            raise
-        reader.join(timeout=10)
-        if log:
-            log.close()
-        records = []
-        if os.path.exists(out_path):
-            with open(out_path) as f:
-                for line in f:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:   # a line cut by the crash
-                        pass
-        return {"records": records, "returncode": rc, "timed_out": timed_out, "tail": "".join(tail),
-                "wall_s": time.perf_counter() - t0}
-
-
-def _failure_reason(res: dict, timeout: float) -> str:
-    if res["timed_out"]:
-        return f"timeout after {timeout}s"
-    rc = res["returncode"]
-    if rc < 0:
-        try:
-            return f"signal {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit code {rc}"
-
-
-def log_excerpt(tail: str, n: int = LOG_LINES) -> list[str]:
-    """The lines that say why a worker died: from its last progress line (what it was doing) to the end
-    (traceback, fatal-error stack, the test aid's message), at most the last n, each cut to 300 chars."""
-    lines = [ln.rstrip() for ln in tail.splitlines() if ln.strip()]
-    last = max((i for i, ln in enumerate(lines) if ln.startswith(PROGRESS)), default=0)
-    lines = lines[last:][-n:]
-    return [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines]
-
-
 def _blank_row(variant, batch):
     row = {k: None for k in report.ROW_KEYS}
     row.update(variant=variant, batch=batch, status="ok", notes=[], below_noise=[])
@@ -372,40 +267,6 @@ def _git_commit():
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-class _BarLines:
-    """Where the progress bar goes when stderr is not a terminal (a log file, a pipe, a test): each
-    refresh becomes a line of its own, at most one every `every` seconds, plus the last one."""
-
-    def __init__(self, f, every: float):
-        self.f, self.every, self.last, self.pending = f, every, -1e9, None
-        self.encoding = getattr(f, "encoding", None) or "utf-8"
-
-    def write(self, s: str) -> None:
-        s = s.split("\r")[-1].strip() if s.strip() else ""
-        if not s:
-            return
-        self.pending = s
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self.finish()
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def finish(self) -> None:
-        if self.pending:
-            self.f.write(self.pending + "\n")
-            self.f.flush()
-            self.pending = None
-
-
-def _units(s: dict) -> int:
-    """Progress-bar units of one variant: tokens per sequence of its timed generate() calls."""
-    n = s["new_tokens"]
-    return len(s["batch_sizes"]) * (n + (s["warmup"] + s["reps"]) * (n + 1))
 
 
 def collect_samples(rows: list[dict]) -> dict | None:

@@ -28,7 +28,8 @@ import sys
 import time
 import traceback
 
-from .prompts import batch_prompts
+from .checks import finish_check, stock_check
+from .prompts import batch_prompts, load_tokenizer, text_prompts
 
 PROGRESS = "[braid-bench]"
 TICK = "[braid-bench:tick]"
@@ -269,42 +270,6 @@ def time_batch(model, prompt, spec: dict, extra: dict, timer: Timer, label: str,
     return row, tokens
 
 
-# ----------------------------------------------------------------------------------- correctness
-
-def check_inputs(vocab, b, spec, device):
-    from ..testing.numerics import random_tokens
-
-    ids = random_tokens(vocab, b, spec["check_prompt_len"] + spec["check_steps"], spec["seed"] + 7919 + b, device)
-    return ids[:, :spec["check_prompt_len"]], ids[:, spec["check_prompt_len"]:]
-
-
-def stock_check(model, vocab, b, spec, device) -> dict:
-    """fp32 reference and the stock model's own error, before any patching."""
-    from ..testing.numerics import fp32_reference_logits, rel_err, teacher_forced_logits
-
-    prompt, cont = check_inputs(vocab, b, spec, device)
-    ref = fp32_reference_logits(model, prompt, cont).cpu()
-    stock = teacher_forced_logits(model, prompt, cont).cpu()
-    return {"batch": b, "prompt_len": prompt.shape[1], "steps": cont.shape[1] + 1,
-            "stock_err": rel_err(stock, ref), "_ref": ref}
-
-
-def finish_check(model, vocab, chk: dict, spec, device, patched: bool) -> dict:
-    from ..testing.numerics import rel_err, teacher_forced_logits
-
-    ref = chk.pop("_ref")
-    if patched:
-        prompt, cont = check_inputs(vocab, chk["batch"], spec, device)
-        logits = teacher_forced_logits(model, prompt, cont).cpu()
-        err = rel_err(logits, ref)
-        chk["variant_err"] = err
-        chk["err_ratio"] = err / chk["stock_err"] if chk["stock_err"] > 0 else None
-    else:
-        chk["variant_err"] = chk["stock_err"]
-        chk["err_ratio"] = 1.0
-    return chk
-
-
 # --------------------------------------------------------------------------------------- variant
 
 def run_variant(spec: dict, emit: Emitter) -> None:
@@ -437,46 +402,6 @@ def run_variant(spec: dict, emit: Emitter) -> None:
             progress(f"{label}: decode {row['decode_ms_per_step']['median']:.3f} ms/step, {row['tok_s']:.1f} tok/s")
         elif row["status"] == "ok":
             progress(f"{label}: decode below noise")
-
-
-def load_tokenizer(spec: dict, notes: list):
-    """(tokenizer or None, prompt description). spec["prompts"]: "random", "text" (a tokenizer is
-    required) or "auto" (text when the checkpoint has a tokenizer; presets never do)."""
-    mode = spec.get("prompts", "auto")
-    random_info = {"source": "random", "chat_template": False, "tokens": None, "texts": None}
-    if mode == "random" or (mode == "auto" and spec.get("model_source", "preset") == "preset"):
-        return None, random_info
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(spec["model"])
-    except Exception as e:
-        if mode == "text":
-            raise
-        notes.append(f"no tokenizer loaded from {spec['model']} ({type(e).__name__}: {str(e)[:200]}): "
-                     "random token prompts")
-        return None, random_info
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        if tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-        else:
-            tok.pad_token = tok.convert_ids_to_tokens(0)
-    templated = bool(getattr(tok, "chat_template", None))
-    return tok, {"source": "text", "chat_template": templated, "tokens": None,
-                 "texts": batch_prompts(max(spec["batch_sizes"]))}
-
-
-def text_prompts(tok, b: int, device):
-    """(input_ids, attention_mask) of the first b built-in prompts, through the chat template if the
-    tokenizer has one, left-padded."""
-    texts = batch_prompts(b)
-    templated = bool(getattr(tok, "chat_template", None))
-    if templated:
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-                 for t in texts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def _load_tokens(path) -> dict:
