@@ -164,14 +164,17 @@ if triton is not None:
 def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
     """Splits per (token, kv head): a pure function of shapes, so graph-safe.
 
-    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * sms) so that batch-1 decode of a
-    long cache is not served by 2 programs, but never more splits than the cache has MIN_SPLIT_LEN-position
-    pieces; caches shorter than two pieces get 1 split and skip the combine kernel."""
+    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * sms), ~4 at batch 1, so that decode of
+    a long cache is not served by a few programs, but never more splits than the cache has
+    MIN_SPLIT_LEN-position pieces; caches shorter than two pieces get 1 split and skip the combine kernel.
+    H100, kernel alone (benchmarks/results/2026-11-26-h100-s3/attention-long-run10.json and README):
+    batch 1, 32 q / 8 kv heads, ctx 32k: 33 -> 66 splits took head_dim 64 from 45.2 to 36.1 us and
+    head_dim 128 from 62.8 to 59.9 us; at batch 8 going from 5 to 9 splits cost up to 21%."""
     max_splits = min(MAX_SPLITS, S_max // MIN_SPLIT_LEN)
     if max_splits <= 1:
         return 1
     programs = max(1, M * n_kv_heads)
-    want = -(-2 * sms // programs)
+    want = -(-(4 if M == 1 else 2) * sms // programs)
     return max(1, min(max_splits, want))
 
 def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, device) -> tuple:
