@@ -1,7 +1,8 @@
 """braid-bench through its real CLI: tiny preset end to end on CPU (variants in subprocesses), crash and
 timeout recording (with the reason on the console), never a negative time, progress bar, plot, a real
-checkpoint folder with a tokenizer (text prompts, side-by-side text sample), argument errors. Two shared
-runs keep the file around two minutes on 2 cores."""
+checkpoint folder with a tokenizer (text prompts, side-by-side text sample), TTFT at extra prompt lengths,
+the chat-like call and the cold start (clamped to the tiny model's 512 positions), argument errors. Two
+shared runs keep the file around two and a half minutes on 2 cores."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ import pytest
 import torch
 from helpers import save_tiny_chat_checkpoint
 
-from braid_backend.bench import child, cli, report, runner
+from braid_backend.bench import child, cli, collect, latency, report, runner
 from braid_backend.bench.prompts import PROMPTS
 from braid_backend.bench.runner import CRASH_LINE, model_facts
 from braid_backend.testing.presets import build_model
@@ -27,6 +28,8 @@ from braid_backend.testing.presets import build_model
 TINY = ["--model", "tiny", "--device", "cpu", "--prompt-len", "8", "--check-prompt-len", "8", "--check-steps", "1"]
 # crash sits between real variants: the ones after it must still run.
 VARIANTS = ["stock", "crash", "hf-static"]
+# TTFT at a short and a too-long prompt, a chat call too long for the tiny model's 512 positions, cold start.
+LATENCY_ARGS = ["--ttft-prompts", "16,4096", "--chat", "600,4", "--cold"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,17 +52,18 @@ def _run(tmp_path_factory, argv, base=TINY):
 def tiny_run(tmp_path_factory):
     """Stock-side variants and the crash test aid: cheap, so enough tokens/reps for steady numbers."""
     return _run(tmp_path_factory, ["--batch-sizes", "1,2", "--new-tokens", "16", "--reps", "3", "--warmup", "1",
-                                   "--variants", ",".join(VARIANTS)])
+                                   "--variants", ",".join(VARIANTS), *LATENCY_ARGS])
 
 
 @pytest.fixture(scope="module")
 def braid_run(tmp_path_factory):
     """A real checkpoint folder (tiny random Qwen2 + byte-level BPE tokenizer + chat template) against the
     patched model: every fused decode step costs seconds in the Triton interpreter, so the minimum (first
-    call 1 step + 1 rep of 1 step + 1 teacher-forced check step)."""
+    call 1 step + 1 rep of 1 step + 1 teacher-forced check step), plus a TTFT length (prefill only), a
+    2-token chat call (first call + 1 rep) and the cold start's first call."""
     ckpt = save_tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt"))
     r = _run(tmp_path_factory, ["--batch-sizes", "1", "--new-tokens", "2", "--reps", "1", "--warmup", "0",
-                                "--variants", "stock,braid-eager"],
+                                "--variants", "stock,braid-eager", "--ttft-prompts", "12", "--chat", "12,2", "--cold"],
              base=["--model", ckpt, "--device", "cpu", "--check-prompt-len", "8", "--check-steps", "1"])
     r["ckpt"] = ckpt
     return r
@@ -81,7 +85,7 @@ def test_end_to_end_json(tiny_run):
     assert env["args"]["batch_sizes"] == [1, 2] and env["args"]["new_tokens"] == 16
     assert [(r["variant"], r["batch"]) for r in doc["results"]] == [(v, b) for v in VARIANTS for b in (1, 2)]
     assert any("TRITON_INTERPRET=1" in n for n in doc["notes"])
-    assert doc["schema_version"] == 2 and doc["env"]["timer"] == "time.perf_counter"
+    assert doc["schema_version"] == 3 and doc["env"]["timer"] == "time.perf_counter"
     assert doc["prompts"]["source"] == "random" and doc["samples"] is None
 
     def decode(v, b):
@@ -177,8 +181,9 @@ def test_progress_bar_with_eta(tiny_run):
     err = tiny_run["stderr"]
     bars = [ln for ln in err.splitlines() if "%|" in ln and "ETA" in ln]
     assert bars, err[-2000:]
-    # ends at 100% although the crash skipped calls; counted in generated tokens (3 variants x 2 batches)
-    total = 3 * 2 * (16 + (1 + 3) * 17)
+    # ends at 100% although the crash skipped calls; counted in generated tokens: 3 variants x (2 batches +
+    # 2 TTFT lengths x 5 calls of 1 token + 5 chat calls of 4 tokens), + hf-static's cold first call
+    total = 3 * (2 * (16 + (1 + 3) * 17) + 2 * 5 + 5 * 4) + 16
     assert "100%|" in bars[-1] and f"{total}/{total} tok" in bars[-1] and "ETA 00:00" in bars[-1], bars[-1]
     assert "[braid-bench:tick]" not in err
     assert "[braid-bench:tick]" not in (tiny_run["dir"] / "logs" / "stock.log").read_text()
@@ -250,8 +255,9 @@ def test_outputs_table_markdown_plot(tiny_run):
     assert any(line.startswith("hf-static") and line.rstrip().endswith("ok") for line in out.splitlines())
     assert "crashed (signal SIGABRT)" in out
     md = (d / "results.md").read_text()
-    assert "| variant | batch | prefill ms | decode ms/step (min-max) | tok/s |" in md
-    assert sum(line.startswith("| hf-static |") for line in md.splitlines()) == 2
+    assert "| variant | batch | TTFT ms (min-max) | decode ms/step (min-max) | tok/s |" in md
+    main_table = md[:md.index("Time to first token")]
+    assert sum(line.startswith("| hf-static |") for line in main_table.splitlines()) == 2
     png = (d / "tokps.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 2000
 
@@ -277,13 +283,16 @@ def test_plot_every_variant_labels_inside(tiny_run):
     marked in the bars; every label inside its axes."""
     fig = report.figure(tiny_run["doc"])
     bars, lines = fig.axes
-    assert _legend(bars) == VARIANTS and _legend(lines) == VARIANTS
+    assert _legend(bars) == VARIANTS
+    assert [t.split(" ")[0] for t in _legend(lines)] == VARIANTS and "crash (b=2 crashed)" in _legend(lines)
     assert any(t.get_text() == "crash: crashed" for t in bars.texts)
-    assert lines.get_xscale() == "log" and list(lines.get_xticks()) == [1, 2]
-    drawn = {ln.get_label() for ln in lines.get_lines()}
+    assert lines.get_xscale() == "log" and lines.xaxis.get_transform().base == 2
+    assert list(lines.get_xticks()) == [1, 2]
+    drawn = {c.get_label() for c in lines.containers}
     ok = {r["variant"] for r in tiny_run["doc"]["results"] if r["tok_s"]}
     assert drawn == ok
     _inside(fig, bars, bars.texts + [bars.get_legend()])
+    _inside(fig, lines, [lines.get_legend()])
 
 
 def _row(variant, batch, tok_s=None, status="ok", below=()):
@@ -305,6 +314,126 @@ def test_plot_synthetic_one_batch():
     assert len(ax.patches) == 2 and min(p.get_height() for p in ax.patches) == 30.0
     assert {t.get_text() for t in ax.texts} >= {"hf-static: below noise", "braid-eager: crashed", "30", "1300"}
     _inside(fig, ax, ax.texts + [ax.get_legend()])
+
+
+def test_plot_synthetic_batch_sweep():
+    """Four batch sizes: one line per variant over a log2 batch axis; a batch size without a value breaks
+    the line there (no segment across it) and the legend says which and why; a variant without any value
+    is still in the legend."""
+    rows = [_row(v, b, t * b) for b in (1, 2, 4, 8) for v, t in (("stock", 30.0), ("braid", 1300.0))]
+    rows[5] = _row("braid", 4, below=["decode_ms_per_step"])
+    rows += [_row("braid-eager", b, status="crashed") for b in (1, 2, 4, 8)]
+    doc = {"model": {"name": "m"}, "env": {"args": {"dtype": "bf16"}, "gpu_name": "GPU"}, "results": rows}
+    fig = report.figure(doc)
+    _, lines = fig.axes
+    assert lines.get_xscale() == "log" and lines.xaxis.get_transform().base == 2
+    assert list(lines.get_xticks()) == [1, 2, 4, 8] and lines.get_xlim()[0] < 1 and lines.get_xlim()[1] > 8
+    assert _legend(lines) == ["stock", "braid (b=4 below noise)", "braid-eager: no values (crashed)"]
+    data = {c.get_label(): c.lines[0].get_ydata() for c in lines.containers}
+    assert set(data) == {"stock", "braid"}
+    assert list(data["stock"]) == [30.0, 60.0, 120.0, 240.0]
+    assert math.isnan(data["braid"][2]) and data["braid"][3] == 1300.0 * 8
+    _inside(fig, lines, [lines.get_legend()])
+
+
+def test_ttft_chat_cold_fields(tiny_run):
+    """TTFT in every row (the generate(1) timings), TTFT at the extra prompt lengths (4096 clamped to the
+    tiny model's 512 positions, with a note), the chat call (600 + 4 clamped), the cold start of hf-static
+    next to its warm first call; a crashed variant's items say why. All schema-valid (test_end_to_end_json)."""
+    doc, d = tiny_run["doc"], tiny_run["dir"]
+    for r in doc["results"]:
+        if r["status"] == "ok":
+            assert r["ttft_ms"] == r["prefill_ms"] and r["ttft_ms"]["min"] > 0 and r["ttft_ms"]["n"] == 3
+    assert [(i["variant"], i["requested_prompt_len"]) for i in doc["ttft"]] == [
+        (v, n) for v in VARIANTS for n in (16, 4096)]
+    for i in doc["ttft"]:
+        if i["variant"] == "crash":     # aborted in the batch sweep, before its TTFT lengths
+            assert i["status"] == "crashed" and "SIGABRT" in i["error"] and i["ttft_ms"] is None
+            continue
+        assert i["status"] == "ok" and i["batch"] == 1, i
+        assert i["prompt_len"] == {16: 16, 4096: 511}[i["requested_prompt_len"]]
+        assert 0 < i["ttft_ms"]["min"] <= i["ttft_ms"]["median"] <= i["ttft_ms"]["max"] and i["ttft_ms"]["n"] == 3
+        assert i["first_call_ms"] > 0
+        assert any("clamped" in n and "512" in n for n in i["notes"]) == (i["requested_prompt_len"] == 4096)
+    long = {i["variant"]: i["ttft_ms"]["median"] for i in doc["ttft"] if i["prompt_len"] == 511}
+    short = {i["variant"]: i["ttft_ms"]["median"] for i in doc["ttft"] if i["prompt_len"] == 16}
+    assert all(long[v] > short[v] for v in long)     # 32x the prompt: prefill shows it, even on CPU
+    assert any("TTFT prompt 4096: prompt 4096 -> 511 (clamped" in n for n in doc["notes"])
+
+    chat = {i["variant"]: i for i in doc["chat"]}
+    assert list(chat) == VARIANTS and chat["crash"]["status"] == "crashed"
+    for v in ("stock", "hf-static"):
+        c = chat[v]
+        assert c["status"] == "ok" and (c["prompt_len"], c["new_tokens"]) == (508, 4)
+        assert c["requested"] == {"prompt_len": 600, "new_tokens": 4}
+        assert c["e2e_ms"]["min"] > 0 and c["e2e_ms"]["n"] == 3
+        assert c["e2e_tok_s"] == pytest.approx(4000 / c["e2e_ms"]["median"])
+        assert c["speedup_vs_stock"] == pytest.approx(chat["stock"]["e2e_ms"]["median"] / c["e2e_ms"]["median"])
+    assert any(n.startswith("chat 600,4: prompt 600 -> 508 (clamped") for n in doc["notes"])
+
+    cold = doc["cold"]
+    assert cold["emptied"] == ["TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"]
+    assert set(cold["warm"]) == set(cold["emptied"]) and all("dir" in w for w in cold["warm"].values())
+    (item,) = cold["results"]        # hf-static only: stock and the crash aid compile nothing
+    assert item["variant"] == "hf-static" and item["status"] == "ok" and item["batch"] == 1
+    rows = rows_of(doc, "hf-static")
+    assert item["cold_first_call_s"] > 0 and rows[1]["cold_first_call_s"] == item["cold_first_call_s"]
+    assert item["warm_first_call_s"] == rows[1]["first_call_s"] and rows[2]["cold_first_call_s"] is None
+    assert rows_of(doc, "stock")[1]["cold_first_call_s"] is None
+    assert all(c["entries_before"] == 0 for c in item["caches"].values())
+    assert any("TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR pointing at new empty temp dirs" in n
+               for n in doc["notes"])
+    assert "empty compile caches" in (d / "logs" / "hf-static-cold.log").read_text()
+
+    out, md = tiny_run["stdout"], (d / "results.md").read_text()
+    for title in ("Time to first token, batch 1", "Chat-like call, batch 1", "Cold start (first generate() call"):
+        assert title in out and title in md
+    assert "511 (asked 4096)" in out and "508 + 4 (asked 600 + 4)" in out
+    assert "| 511 (asked 4096) | hf-static |" in md
+    assert any(ln.startswith("| hf-static | 1 |") and ln.rstrip().endswith("| ok |") for ln in md.splitlines()
+               if "triton 0" in ln)
+
+
+def test_braid_variant_latencies(braid_run):
+    """The braid variant gets TTFT, the chat call and a cold start too (patched in the cold process)."""
+    doc = braid_run["doc"]
+    (t,) = [i for i in doc["ttft"] if i["variant"] == "braid-eager"]
+    assert t["status"] == "ok" and t["prompt_len"] == 12 and t["ttft_ms"]["min"] > 0 and not t["notes"]
+    (c,) = [i for i in doc["chat"] if i["variant"] == "braid-eager"]
+    assert c["status"] == "ok" and (c["prompt_len"], c["new_tokens"]) == (12, 2) and c["e2e_ms"]["min"] > 0
+    assert c["speedup_vs_stock"] > 0
+    (cold,) = doc["cold"]["results"]
+    assert cold["variant"] == "braid-eager" and cold["status"] == "ok", cold
+    assert cold["cold_first_call_s"] > 0 and cold["patch_s"] > 0
+    assert rows_of(doc, "braid-eager")[1]["cold_first_call_s"] == cold["cold_first_call_s"]
+    assert any("--cold on CPU: nothing is compiled" in n for n in doc["notes"])
+
+
+@pytest.mark.parametrize("prompt, new, max_pos, expect", [
+    (128, 1, 512, (128, 1)), (8192, 1, 512, (511, 1)), (512, 64, 512, (448, 64)), (600, 4, 512, (508, 4)),
+    (512, 600, 512, (1, 511)), (8192, 64, None, (8192, 64)),
+])
+def test_fit_clamps_to_positions(prompt, new, max_pos, expect):
+    assert latency.fit(prompt, new, max_pos) == expect
+
+
+def test_chat_and_ttft_defaults():
+    p = cli.build_parser()
+    s, notes = cli.resolve(p.parse_args(["--device", "cpu"]), p)
+    assert s["chat"] == (512, 8) and s["ttft_prompts"] == [] and s["cold"] is False
+    assert any("chat call makes 8 new tokens instead of 64" in n for n in notes)
+    s, notes = cli.resolve(p.parse_args(["--device", "cpu", "--chat", "none", "--ttft-prompts", "128,2048,128"]), p)
+    assert s["chat"] is None and s["ttft_prompts"] == [128, 2048] and not any("chat" in n for n in notes)
+    s, _ = cli.resolve(p.parse_args(["--device", "cpu", "--chat", "512,64", "--ttft-prompts", "none"]), p)
+    assert s["chat"] == (512, 64) and s["ttft_prompts"] == []
+
+
+def test_cold_failure_recorded(tmp_path):
+    """A cold process that dies still gives an item that says why (the hang aid, killed by --timeout)."""
+    s = {"timeout": 2, "device": "cpu", "batch_sizes": [1], "new_tokens": 2}
+    item = collect.run_cold("hang", {"variant": "hang"}, s, str(tmp_path), str(tmp_path / "cold.log"), False, None)
+    assert item["status"] == "crashed" and "timeout" in item["error"] and item["cold_first_call_s"] is None
+    assert set(item["caches"]) == set(collect.CACHE_VARS)
 
 
 def test_real_checkpoint_text_prompts_and_sample(braid_run):
@@ -361,6 +490,9 @@ def test_timeout_recorded(tmp_path):
     (["--reps", "two"], "--reps must be an integer"),
     (["--dtype", "int4"], "invalid choice: 'int4'"),
     (["--prompts", "text"], "--prompts text needs a checkpoint with a tokenizer"),
+    (["--chat", "512"], "--chat takes PROMPT,NEW_TOKENS"),
+    (["--chat", "512,0"], "--chat takes PROMPT,NEW_TOKENS"),
+    (["--ttft-prompts", "128,x"], "prompt lengths must be a comma-separated list"),
 ])
 def test_bad_arguments(argv, message, tmp_path, capsys):
     out_dir = tmp_path / "never"
@@ -405,9 +537,15 @@ def test_validator_catches_problems(tiny_run):
     del row["tok_s"]
     doc["results"][1]["status"] = "fine"
     doc["env"].pop("driver")
+    next(i for i in doc["ttft"] if i["status"] == "ok")["ttft_ms"] = None
+    next(i for i in doc["chat"] if i["status"] == "ok")["e2e_tok_s"] = None
+    doc["cold"]["results"][0]["cold_first_call_s"] = -1.0
+    del doc["results"][0]["ttft_ms"]
     problems = report.validate(doc)
     assert any("tok_s" in p for p in problems) and any("status" in p for p in problems)
     assert any("driver" in p for p in problems)
+    for where in ("doc.ttft[", "doc.chat[", "doc.cold.results[0]", "'ttft_ms' is a required property"):
+        assert any(where in p for p in problems), (where, problems)
 
 
 def test_module_entry_point_help():

@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from .runner import PROGRESS, TICK
+from .timing import PROGRESS, TICK
 
 LOG_LINES = 25   # log lines shown on the console for a crashed variant
 
@@ -32,9 +32,11 @@ def _child_env(device: str) -> dict:
     return env
 
 
-def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool, on_tick=None) -> dict:
-    """Run one worker; returns {"records", "returncode", "timed_out", "tail", "wall_s"}. Its progress lines
-    go to the console (all lines with verbose), its tick lines to on_tick(units), the rest to the log."""
+def run_child(spec: dict, timeout: float, device: str, log_path: str | None, verbose: bool, on_tick=None,
+              env: dict | None = None) -> dict:
+    """Run one worker (env: extra environment variables); returns {"records", "returncode", "timed_out",
+    "tail", "wall_s"}. Its progress lines go to the console (all lines with verbose), its tick lines to
+    on_tick(units), the rest to the log."""
     with tempfile.TemporaryDirectory(prefix="braid-bench-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.jsonl")
         with open(spec_path, "w") as f:
@@ -45,7 +47,7 @@ def run_child(spec: dict, timeout: float, device: str, log_path: str | None, ver
         log = open(log_path, "w") if log_path else None
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=_child_env(device), start_new_session=True, errors="replace")
+                                env={**_child_env(device), **(env or {})}, start_new_session=True, errors="replace")
 
         def pump():
             for line in proc.stdout:
@@ -147,6 +149,9 @@ class _BarLines:
 
 
 def _units(s: dict) -> int:
-    """Progress-bar units of one variant: tokens per sequence of its timed generate() calls."""
-    n = s["new_tokens"]
-    return len(s["batch_sizes"]) * (n + (s["warmup"] + s["reps"]) * (n + 1))
+    """Progress-bar units of one variant: tokens per sequence of its timed generate() calls (the batch
+    sweep, the --ttft-prompts lengths, the --chat call; clamping can make the last two a little smaller,
+    the bar is topped up when the variant ends)."""
+    n, calls = s["new_tokens"], 1 + s["warmup"] + s["reps"]
+    sweep = len(s["batch_sizes"]) * (n + (s["warmup"] + s["reps"]) * (n + 1))
+    return sweep + len(s.get("ttft_prompts") or ()) * calls + (s["chat"][1] * calls if s.get("chat") else 0)

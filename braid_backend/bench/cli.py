@@ -2,8 +2,10 @@
 
 Each variant runs in its own subprocess (braid_backend.bench.runner), so a crash in one is recorded
 (with the last lines of its log on the console) and the rest go on. A progress bar with an ETA (tqdm)
-counts the tokens the timed generate() calls produce. Writes results.json, results.md and tokps.png
-to --out-dir.
+counts the tokens the timed generate() calls produce. Besides the batch sweep: time to first token at
+extra prompt lengths (--ttft-prompts), a short chat-like call (--chat) and, with --cold, each compiled
+variant's first call in a fresh process with empty compile caches (collect.py). Writes results.json,
+results.md and tokps.png to --out-dir.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from tqdm import tqdm
 
 from . import report
 from .child import _BarLines, _failure_reason, _units, log_excerpt, run_child
-from .runner import INTERPRET_NOTE, PROGRESS
+from .collect import (COLD_VARIANTS, add_chat_ratios, add_ratios, collect_chat, collect_rows, collect_samples,
+                      collect_ttft, cold_section, run_cold, warm_cache_state)
+from .runner import INTERPRET_NOTE
+from .timing import PROGRESS
 
 VARIANTS = ("stock", "hf-static", "braid", "braid-eager")
 DEFAULT_VARIANTS = ("stock", "hf-static", "braid")
@@ -32,10 +37,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Defaults: (GPU, CPU). On CPU the Triton interpreter takes ~3 s per fused decode step, so a bare
 # `braid-bench` on a GPU-less machine is a smoke test (~2-3 minutes). 8 new tokens x 3 reps keep the
 # difference generate(8) - generate(1) well above the CPU timer noise (the spread of the repeats) for
-# every variant; the first call warms up, so no extra warm-up there.
+# every variant; the first call warms up, so no extra warm-up there. The chat call keeps its 512-token
+# prompt on CPU (prefill is stock and cheap) but makes 8 new tokens, not 64.
 DEFAULTS = {
     "model": ("qwen2.5-0.5b", "qwen2.5-0.5b"), "batch_sizes": ([1, 16], [1]), "prompt_len": (128, 8),
     "new_tokens": (256, 8), "warmup": (2, 0), "reps": (3, 3), "check_prompt_len": (64, 8), "check_steps": (16, 1),
+    "chat": ((512, 64), (512, 8)),
 }
 
 
@@ -78,6 +85,29 @@ def _batch_list(s):
     return list(dict.fromkeys(out))
 
 
+def _length_list(s):
+    """--ttft-prompts: comma-separated positive prompt lengths, or 'none'."""
+    if s.strip().lower() == "none":
+        return []
+    try:
+        return _batch_list(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"prompt lengths must be a comma-separated list of positive integers (e.g. 128,2048,8192) or "
+            f"'none'; got {s!r}") from None
+
+
+def _chat(s):
+    """--chat P,N (prompt tokens, new tokens) or 'none'."""
+    if s.strip().lower() == "none":
+        return "none"
+    parts = [p.strip() for p in s.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--chat takes PROMPT,NEW_TOKENS (two positive integers, e.g. 512,64) "
+                                         f"or 'none'; got {s!r}")
+    return (int(parts[0]), int(parts[1]))
+
+
 def _variant_list(s):
     if s.strip() == "all":
         return list(VARIANTS)
@@ -99,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A/B benchmark: stock transformers vs HF static cache vs braid_backend.patch(), each variant "
                     "in its own subprocess. Without a GPU, big presets are replaced by the tiny preset.",
         epilog="Defaults (GPU / CPU): batch 1,16 / 1; prompt 128 / 8; new tokens 256 / 8; warm-ups 2 / 0; "
-               "reps 3 / 3; logits check prompt 64 / 8, steps 16 / 1.")
+               "reps 3 / 3; logits check prompt 64 / 8, steps 16 / 1; chat 512,64 / 512,8.")
     p.add_argument("-m", "--model", default=None,
                    help=f"preset ({', '.join(ALL_PRESETS)}; real configs, random weights), a local checkpoint "
                         "folder or a hub id (org/name). Default qwen2.5-0.5b")
@@ -120,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, default=None, help="warm-up repetitions, excluded")
     p.add_argument("--variants", type=_variant_list, default=None, metavar="V1,V2,...",
                    help=f"from {', '.join(VARIANTS)} or 'all' (default {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--ttft-prompts", type=_length_list, default=[], metavar="L1,L2,...",
+                   help="also measure time to first token (generate(max_new_tokens=1), batch 1, random tokens, "
+                        "warm, median of --reps) at these prompt lengths, e.g. 128,2048,8192; lengths above the "
+                        "model's max_position_embeddings are clamped (with a note). Default: none")
+    p.add_argument("--chat", type=_chat, default=None, metavar="PROMPT,NEW",
+                   help="end-to-end latency of a chat-like call: generate(NEW) on a PROMPT-token prompt, batch 1, "
+                        "warm, median/min/max of --reps; 'none' skips it. Default 512,64 (CPU: 512,8); clamped "
+                        "to the model's max_position_embeddings (with a note)")
+    p.add_argument("--cold", action="store_true",
+                   help="also run hf-static / braid / braid-eager once more in a fresh process with "
+                        "TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR pointing at new empty dirs and report "
+                        "its first generate() call (kernel compilation included) as cold_first_call_s")
     p.add_argument("--check", choices=("first", "all", "none"), default="first",
                    help="batch sizes that get the teacher-forced logits check vs an fp32 reference")
     p.add_argument("--check-prompt-len", type=_positive("--check-prompt-len"), default=None)
@@ -131,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", default=None, help="default braid-results/<timestamp>")
     p.add_argument("--allow-big-on-cpu", action="store_true",
                    help="run a big preset on CPU instead of switching to the tiny preset")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any variant/batch did not finish ok")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if any variant/batch, TTFT length, chat call or cold run did not finish ok")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the variant subprocesses' full output")
     p.add_argument("--no-bar", action="store_true", help="no progress bar (the progress lines still print)")
     return p
@@ -171,67 +214,18 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
         model = "tiny"
         notes.append(f"no GPU: running the tiny preset (tiny-qwen2, random weights) instead of {requested} "
                      "(pass --allow-big-on-cpu to force it); CPU timings only prove the tool works")
+    chat = DEFAULTS["chat"][cpu] if args.chat is None else (None if args.chat == "none" else args.chat)
+    if cpu and args.chat is None:
+        notes.append(f"CPU: the chat call makes {chat[1]} new tokens instead of {DEFAULTS['chat'][0][1]} (fused steps "
+                     "are slow in the Triton interpreter); --chat P,N sets it")
     if cpu:
         notes.append(INTERPRET_NOTE)
         notes.append("CPU run: no copy bandwidth (% of BW limit) and no peak GPU memory")
     s.update(model=model, requested_model=requested, model_source=source, device=device,
              dtype=args.dtype, variants=args.variants or list(DEFAULT_VARIANTS), check=args.check,
-             agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout, prompts=args.prompts)
+             agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout, prompts=args.prompts,
+             ttft_prompts=args.ttft_prompts, chat=chat, cold=args.cold)
     return s, notes
-
-
-def _blank_row(variant, batch):
-    row = {k: None for k in report.ROW_KEYS}
-    row.update(variant=variant, batch=batch, status="ok", notes=[], below_noise=[])
-    return row
-
-
-def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict]:
-    meta = next((r for r in res["records"] if r.get("type") == "meta"), None)
-    got = {r["batch"]: r for r in res["records"] if r.get("type") == "row"}
-    if meta and not facts_box.get("facts"):
-        facts_box["facts"] = meta["model"]
-    failed = res["timed_out"] or res["returncode"] != 0
-    reason = _failure_reason(res, s["timeout"]) if failed else None
-    rows = []
-    for b in s["batch_sizes"]:
-        row = _blank_row(variant, b)
-        if b in got:
-            rec = dict(got[b])
-            rec.pop("type", None)
-            row.update(rec)
-        else:
-            row.update(status="crashed" if failed else "error", returncode=res["returncode"],
-                       timed_out=res["timed_out"], reason=reason or "no result",
-                       stderr_tail=res["tail"][-4000:] or None,
-                       error=None if failed else "worker exited 0 without a result for this batch")
-            if facts_box.get("facts"):
-                f = facts_box["facts"]
-                plen = (((meta or {}).get("prompts") or {}).get("tokens") or {}).get(str(b)) or s["prompt_len"]
-                row["prompt_len"] = plen
-                row["bytes_per_step"] = int(f["weight_bytes"] + f["kv_bytes_per_token"] * b
-                                            * (plen + s["new_tokens"] / 2))
-        if meta:
-            row["notes"] = list(meta.get("notes") or []) + list(row.get("notes") or [])
-            row["patch"] = meta.get("patch")
-        rows.append(row)
-    return rows
-
-
-def add_ratios(rows: list[dict], copy_bw_gbs) -> None:
-    def dec(variant, b):
-        r = next((r for r in rows if r["variant"] == variant and r["batch"] == b and r["status"] == "ok"), None)
-        return r["decode_ms_per_step"]["median"] if r and r.get("decode_ms_per_step") else None
-
-    for r in rows:
-        if r["status"] != "ok" or not r.get("decode_ms_per_step"):   # failed, or decode below noise
-            continue
-        d = r["decode_ms_per_step"]["median"]
-        for base, key in (("stock", "speedup_vs_stock"), ("hf-static", "speedup_vs_hf_static")):
-            bd = dec(base, r["batch"])
-            r[key] = bd / d if bd is not None and bd > 0 and d > 0 else None
-        if copy_bw_gbs and r.get("bytes_per_step") and d > 0:   # d <= 0: within timer noise (tiny N)
-            r["bw_limit_pct"] = 100.0 * (r["bytes_per_step"] / (copy_bw_gbs * 1e9)) / (d / 1e3)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -269,14 +263,21 @@ def _git_commit():
         return None
 
 
-def collect_samples(rows: list[dict]) -> dict | None:
-    """The text sample of each variant for the first batch size that has any (text prompts only)."""
-    for b in sorted({r["batch"] for r in rows}):
-        got = {r["variant"]: r["sample"] for r in rows if r["batch"] == b and r.get("sample")}
-        if got:
-            first = next(iter(got.values()))
-            return {"batch": b, "prompt": first["prompt"], "outputs": {v: x["output"] for v, x in got.items()}}
-    return None
+def _where(batches) -> str:
+    return f"at batch {','.join(map(str, batches))}" if batches else "after the batch sweep"
+
+
+def _ticker(bar, units: int):
+    """(on_tick, top_up) for one worker: ticks advance the bar by at most `units`; top_up() adds what the
+    worker did not tick (a crash, or lengths clamped shorter), so its share always ends complete."""
+    done = [0]
+
+    def on_tick(k):
+        k = min(k, units - done[0])
+        done[0] += k
+        bar.update(k)
+
+    return on_tick, lambda: on_tick(units - done[0])
 
 
 def _width(table: bool) -> int:
@@ -300,6 +301,10 @@ def main(argv=None) -> int:
     _say(f"model {s['model']} {s['dtype']} on {s['device']}; variants {','.join(s['variants'])}; "
          f"batch {s['batch_sizes']}, {prompt_desc}, new tokens {s['new_tokens']}, "
          f"warm-up {s['warmup']}, reps {s['reps']}; output {out_dir}")
+    extras = ([f"TTFT at prompts {','.join(map(str, s['ttft_prompts']))}"] if s["ttft_prompts"] else []) \
+        + ([f"chat {s['chat'][0]},{s['chat'][1]}"] if s["chat"] else []) + (["cold start"] if s["cold"] else [])
+    if extras:
+        _say("batch 1 as well: " + "; ".join(extras))
 
     probe = None
     if s["device"] == "cuda":
@@ -314,15 +319,18 @@ def main(argv=None) -> int:
     copy_bw = probe.get("copy_bw_gbs") if probe else None
 
     spec_keys = ("model", "model_source", "dtype", "device", "batch_sizes", "prompt_len", "new_tokens", "warmup",
-                 "reps", "seed", "check", "check_prompt_len", "check_steps", "agreement", "prompts")
-    rows, facts_box, metas, failures = [], {}, {}, []
+                 "reps", "seed", "check", "check_prompt_len", "check_steps", "agreement", "prompts", "ttft_prompts",
+                 "chat")
+    rows, facts_box, metas, failures, ttft, chat, cold = [], {}, {}, [], [], [], []
     # stock runs first: its greedy tokens are the reference for the others' agreement (saves re-generating).
     order = sorted(s["variants"], key=lambda v: v != "stock")
+    cold_order = [v for v in order if v in COLD_VARIANTS] if s["cold"] else []
+    warm_caches = warm_cache_state() if s["cold"] else None   # before any variant filled them
     per_variant = _units(s)
     tty = sys.stderr.isatty()
     bar_out = sys.stderr if tty else _BarLines(sys.stderr, every=30.0)
-    bar = tqdm(total=per_variant * len(order), unit="tok", file=bar_out, disable=args.no_bar,
-               dynamic_ncols=tty, ncols=None if tty else 100, mininterval=0.5,
+    bar = tqdm(total=per_variant * len(order) + s["new_tokens"] * len(cold_order), unit="tok", file=bar_out,
+               disable=args.no_bar, dynamic_ncols=tty, ncols=None if tty else 100, mininterval=0.5,
                bar_format="{desc}{percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} tok "
                           "[{elapsed} elapsed, ETA {remaining}]")
     run_tmp = tempfile.TemporaryDirectory(prefix="braid-bench-run-")
@@ -334,16 +342,10 @@ def main(argv=None) -> int:
             spec = {k: s[k] for k in spec_keys}
             spec["variant"] = v
             spec["tokens_out" if v == "stock" else "ref_tokens"] = tokens_path
-            done = [0]
-
-            def on_tick(k, done=done):
-                k = min(k, per_variant - done[0])
-                done[0] += k
-                bar.update(k)
-
+            on_tick, top_up = _ticker(bar, per_variant)
             log_path = os.path.join(out_dir, "logs", f"{v}.log")
             res = run_child(spec, s["timeout"], s["device"], log_path, args.verbose, on_tick)
-            bar.update(per_variant - done[0])   # a crash or error skipped calls: the bar still ends at 100%
+            top_up()   # a crash or error skipped calls: the bar still ends at 100%
             meta = next((r for r in res["records"] if r.get("type") == "meta"), None)
             if meta:
                 metas[v] = meta
@@ -354,18 +356,30 @@ def main(argv=None) -> int:
                 at = [r["batch"] for r in bad]
                 excerpt = log_excerpt(res["tail"])
                 failures.append((v, reason, at, log_path, excerpt))
-                _say(f"variant {v}: CRASHED ({reason}) at batch {','.join(map(str, at)) or '-'}; recorded, "
+                _say(f"variant {v}: CRASHED ({reason}) {_where(at)}; recorded, "
                      f"continuing. Last lines of {log_path}:\n" + "\n".join("    | " + ln for ln in excerpt))
             elif bad:
                 _say(f"variant {v}: {len(bad)} batch size(s) failed; recorded")
             _say(f"variant {v}: done in {res['wall_s']:.1f}s")
             rows.extend(vrows)
+            ttft.extend(collect_ttft(v, s, res))
+            chat.extend(collect_chat(v, s, res))
+            if v in cold_order:
+                _say(f"variant {v}: cold start, a fresh subprocess with empty compile caches")
+                on_tick, top_up = _ticker(bar, s["new_tokens"])
+                cold.append(run_cold(v, spec, s, run_tmp.name, os.path.join(out_dir, "logs", f"{v}-cold.log"),
+                                     args.verbose, on_tick))
+                top_up()
+                _say(f"variant {v}: cold first call {report._f(cold[-1]['cold_first_call_s'], '{:.2f} s')} "
+                     f"({cold[-1]['status']})")
     finally:
         bar.close()
         if bar_out is not sys.stderr:
             bar_out.finish()
         run_tmp.cleanup()
     add_ratios(rows, copy_bw)
+    add_chat_ratios(chat)
+    cold_doc = cold_section(cold, rows, warm_caches, s) if s["cold"] else None
 
     facts = facts_box.get("facts") or {}
     run_args = {k: v for k, v in s.items()}
@@ -390,8 +404,9 @@ def main(argv=None) -> int:
         "model": {"name": s["model"], "requested": s["requested_model"], "source": s["model_source"],
                   "dtype": s["dtype"], **facts},
         "copy_bw_gbs": copy_bw, "probe": probe, "prompts": prompts, "samples": collect_samples(rows),
-        "results": rows,
-        "notes": notes + sorted({n for r in rows for n in (r.get("notes") or [])} - set(notes)),
+        "results": rows, "ttft": ttft, "chat": chat, "cold": cold_doc,
+        "notes": notes + sorted({n for r in rows + ttft + chat for n in (r.get("notes") or [])} - set(notes))
+        + (cold_doc["notes"] if cold_doc else []),
     }
     try:
         problems = report.validate(doc)
@@ -421,12 +436,16 @@ def main(argv=None) -> int:
     say(f"braid-bench: {doc['model']['name']} {s['dtype']} on {doc['env']['gpu_name'] or 'CPU'}"
         + (f", copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
     say(report.terminal_table(rows, width=_width(table=True), ascii_only=plain))
+    for title, table in report.latency_tables(doc):
+        say()
+        say(title)
+        say(report.render_table(table, width=_width(table=True), ascii_only=plain))
     if doc["samples"]:
         say()
         say(report.side_by_side(doc["samples"], width=_width(table=False), ascii_only=plain))
     for v, reason, at, log_path, excerpt in failures:
         say()
-        say(f"variant {v} crashed ({reason}) at batch {','.join(map(str, at)) or '-'}; last lines of {log_path}:")
+        say(f"variant {v} crashed ({reason}) {_where(at)}; last lines of {log_path}:")
         for ln in excerpt:
             say("    | " + ln)
     say()
@@ -436,7 +455,7 @@ def main(argv=None) -> int:
     n_ok = sum(r["status"] == "ok" for r in rows)
     if n_ok == 0:
         return 1
-    if args.strict and n_ok < len(rows):
+    if args.strict and any(r["status"] != "ok" for r in rows + ttft + chat + cold):
         return 1
     return 0
 

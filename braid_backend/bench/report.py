@@ -1,106 +1,13 @@
-"""braid-bench output: the results.json JSON Schema (checked with jsonschema), the console tables (rich),
-results.md, and the plot (matplotlib)."""
+"""braid-bench output: the console tables (rich) and results.md. The results.json schema lives in
+schema.py and the plot in plot.py; both are re-exported here (report.validate, report.figure, ...)."""
 from __future__ import annotations
 
 import io
 import math
-import os
+from typing import NamedTuple
 
-# 2: decode_ms_per_step / tok_s / first_call_overhead_s may be null on an ok row, with the field named in
-# below_noise (the difference was not above the timer noise); new keys below_noise, noise_ms, prompt_len,
-# sample; top-level prompts and samples. Everything schema 1 had is still there with the same meaning.
-SCHEMA_VERSION = 2
-STATUSES = ("ok", "error", "crashed")
-
-_NUM = {"type": "number"}
-_NUM_OR_NULL = {"type": ["number", "null"]}
-_POS_OR_NULL = {"type": ["number", "null"], "exclusiveMinimum": 0}
-_STATS = {   # {"median", "min", "max", "n", ...} over the timed reps, milliseconds; never negative
-    "type": "object", "required": ["median", "min", "max", "n"],
-    "properties": {"median": {"type": "number", "minimum": 0}, "min": {"type": "number", "minimum": 0},
-                   "max": {"type": "number", "minimum": 0}, "n": {"type": "integer", "minimum": 1},
-                   "mean": _NUM, "stdev": _NUM_OR_NULL},
-}
-_STATS_OR_NULL = {"anyOf": [_STATS, {"type": "null"}]}
-_POSITIVE_STATS = {"allOf": [_STATS, {"properties": {"min": {"exclusiveMinimum": 0}}}]}
-
-# Every result row (one per variant x batch size) carries all of these keys; null where not measured.
-ROW_PROPERTIES: dict[str, dict] = {
-    "variant": {"type": "string"}, "batch": {"type": "integer", "minimum": 1},
-    "status": {"enum": list(STATUSES)},
-    "error": {"type": ["string", "null"]}, "returncode": {"type": ["integer", "null"]},
-    "stderr_tail": {"type": ["string", "null"]},
-    "prompt_len": {"type": ["integer", "null"]},   # prompt tokens per sequence (text prompts: padded length)
-    "prefill_ms": _STATS_OR_NULL,            # generate(max_new_tokens=1)
-    "decode_ms_per_step": _STATS_OR_NULL,    # (generate(N) - generate(1)) / (N - 1), paired per rep
-    "e2e_ms": _STATS_OR_NULL,                # generate(N)
-    "tok_s": _POS_OR_NULL,                   # batch * 1000 / median decode ms
-    "tok_s_range": {"type": ["object", "null"]},   # {"min", "max"} from the decode max / min
-    "first_call_s": _POS_OR_NULL,
-    "first_call_overhead_s": _POS_OR_NULL,   # first generate(N) minus the median one
-    "below_noise": {"type": "array", "items": {"type": "string"}},   # fields left null: not above noise
-    "noise_ms": _NUM_OR_NULL,                # spread of the repeated calls (the noise those fields missed)
-    "peak_mem_mib": _NUM_OR_NULL,            # torch.cuda.max_memory_allocated; null on CPU
-    "bytes_per_step": {"type": ["integer", "null"]},   # weights (tied once) + KV at the mean context
-    "bw_limit_pct": _POS_OR_NULL,            # (bytes_per_step / copy bandwidth) / decode time * 100
-    "speedup_vs_stock": _POS_OR_NULL, "speedup_vs_hf_static": _POS_OR_NULL,   # decode-time ratios
-    # {"batch", "prompt_len", "steps", "stock_err", "variant_err", "err_ratio"} or {"error"}
-    "correctness": {"type": ["object", "null"]},
-    "greedy_agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},   # null for stock
-    "sample": {"type": ["object", "null"]},  # {"prompt", "output"}: first sequence, text prompts only
-    "notes": {"type": "array", "items": {"type": "string"}}, "patch": {"type": ["object", "null"]},
-}
-ROW_KEYS = tuple(ROW_PROPERTIES)
-ENV_KEYS = ("gpu_name", "driver", "torch", "transformers", "triton", "python", "date", "hostname", "args")
-
-ROW_SCHEMA = {
-    "type": "object", "required": list(ROW_KEYS), "properties": ROW_PROPERTIES,
-    "allOf": [
-        {   # ok: the timings are there; a decode left null must say it was below noise
-            "if": {"properties": {"status": {"const": "ok"}}, "required": ["status"]},
-            "then": {
-                "properties": {"prefill_ms": _STATS, "e2e_ms": _STATS},
-                "if": {"properties": {"decode_ms_per_step": {"type": "null"}}},
-                "then": {"properties": {"below_noise": {"contains": {"const": "decode_ms_per_step"}}}},
-                "else": {"properties": {"decode_ms_per_step": _POSITIVE_STATS, "tok_s": _NUM}},
-            },
-        },
-        {   # a failed row says why
-            "if": {"properties": {"status": {"enum": ["error", "crashed"]}}, "required": ["status"]},
-            "then": {"anyOf": [{"properties": {"error": {"type": "string", "minLength": 1}}},
-                               {"properties": {"stderr_tail": {"type": "string", "minLength": 1}}}]},
-        },
-    ],
-}
-RESULTS_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "braid-bench results.json",
-    "type": "object",
-    "required": ["schema_version", "tool", "env", "model", "device", "copy_bw_gbs", "probe", "results", "notes"],
-    "properties": {
-        "schema_version": {"type": "integer"}, "tool": {"const": "braid-bench"},
-        "env": {"type": "object", "required": list(ENV_KEYS)},
-        "model": {"type": "object"}, "device": {"type": "string"},
-        "copy_bw_gbs": _POS_OR_NULL, "probe": {"type": ["object", "null"]},
-        "results": {"type": "array", "items": ROW_SCHEMA},
-        "notes": {"type": "array", "items": {"type": "string"}},
-        "prompts": {"type": ["object", "null"]},    # {"source": "random" | "text", "chat_template", "tokens", "texts"}
-        "samples": {"type": ["object", "null"]},    # {"batch", "prompt", "outputs": {variant: text}}
-    },
-}
-
-
-def validate(doc: dict) -> list[str]:
-    """Problems with a results.json document against RESULTS_SCHEMA (empty list: valid). Needs jsonschema."""
-    import jsonschema
-
-    v = jsonschema.Draft202012Validator(RESULTS_SCHEMA)
-    out = []
-    for e in sorted(v.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
-        where = "doc" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
-        out.append(f"{where}: {e.message}")
-    return out
-
+from .plot import figure, plot  # noqa: F401  (re-exported)
+from .schema import ENV_KEYS, RESULTS_SCHEMA, ROW_KEYS, SCHEMA_VERSION, STATUSES, validate  # noqa: F401
 
 # ------------------------------------------------------------------------------------ formatting
 
@@ -142,22 +49,34 @@ def _noise(row, key, cell):
     return "below noise" if key in (row.get("below_noise") or ()) else cell
 
 
-COLUMNS = ("variant", "batch", "prefill ms", "decode ms/step (min-max)", "tok/s", "x stock", "x hf-static",
+COLUMNS = ("variant", "batch", "TTFT ms (min-max)", "decode ms/step (min-max)", "tok/s", "x stock", "x hf-static",
            "% BW limit", "peak MiB", "first-call s", "logits err (vs stock bf16)", "agree", "status")
 RIGHT = set(range(1, 12))   # numeric columns
+
+
+class Tab(NamedTuple):
+    """A table for the console (rich) and results.md: column names, rows of cells, right-aligned columns."""
+    columns: tuple
+    rows: list
+    right: set
+
+
+def _stats(st, fmt="{:.2f}") -> str:
+    """median (min-max) of a timing summary, '-' without one."""
+    if not st:
+        return "-"
+    return f"{_f(st.get('median'), fmt)} ({_f(st.get('min'), fmt)}-{_f(st.get('max'), fmt)})"
 
 
 def table_rows(results):
     out = []
     for r in results:
         ok = r["status"] == "ok"
-        dec = r.get("decode_ms_per_step") or {}
-        dec_cell = (f"{_f(dec.get('median'), '{:.3f}')} ({_f(dec.get('min'), '{:.3f}')}-{_f(dec.get('max'), '{:.3f}')})"
-                    if ok and dec else "-")
+        ttft = r.get("ttft_ms") or r.get("prefill_ms")   # results.json of schema 2 has prefill_ms only
         out.append([
             r["variant"], str(r["batch"]),
-            _f((r.get("prefill_ms") or {}).get("median")) if ok else "-",
-            _noise(r, "decode_ms_per_step", dec_cell),
+            _stats(ttft) if ok else "-",
+            _noise(r, "decode_ms_per_step", _stats(r.get("decode_ms_per_step"), "{:.3f}") if ok else "-"),
             _noise(r, "decode_ms_per_step", _f(r.get("tok_s"), "{:.1f}")),
             _x(r.get("speedup_vs_stock")), _x(r.get("speedup_vs_hf_static")),
             _f(r.get("bw_limit_pct"), "{:.1f}%"), _f(r.get("peak_mem_mib"), "{:.0f}"),
@@ -176,21 +95,93 @@ def _render(table, width: int) -> str:
     return "\n".join(line.rstrip() for line in con.file.getvalue().rstrip("\n").splitlines())
 
 
-def terminal_table(results, width: int = 1000, ascii_only: bool = False) -> str:
-    """The results as a console table (rich; a plain fallback without it). At the default width nothing
-    wraps; a terminal's width makes rich wrap cells inside their columns."""
-    rows = table_rows(results)
+def render_table(tab: Tab, width: int = 1000, ascii_only: bool = False) -> str:
+    """A console table (rich; a plain fallback without it). At the default width nothing wraps; a
+    terminal's width makes rich wrap cells inside their columns."""
     try:
         from rich import box
         from rich.table import Table
     except ImportError:   # rich comes with transformers (via typer); keep the numbers visible without it
-        return "\n".join("  ".join(r) for r in [list(COLUMNS)] + rows)
+        return "\n".join("  ".join(r) for r in [list(tab.columns)] + tab.rows)
     t = Table(box=box.ASCII2 if ascii_only else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i, c in enumerate(COLUMNS):
-        t.add_column(c, justify="right" if i in RIGHT else "left", overflow="fold")
-    for r in rows:
+    for i, c in enumerate(tab.columns):
+        t.add_column(c, justify="right" if i in tab.right else "left", overflow="fold")
+    for r in tab.rows:
         t.add_row(*r)
     return _render(t, width)
+
+
+def md_table(tab: Tab) -> list[str]:
+    return (["| " + " | ".join(tab.columns) + " |",
+             "|" + "|".join("---:" if i in tab.right else "---" for i in range(len(tab.columns))) + "|"]
+            + ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in tab.rows])
+
+
+def terminal_table(results, width: int = 1000, ascii_only: bool = False) -> str:
+    """The batch-sweep results as a console table."""
+    return render_table(Tab(COLUMNS, table_rows(results), RIGHT), width, ascii_only)
+
+
+def _item_status(it) -> str:
+    if it["status"] == "ok":
+        return "ok"
+    last = (it.get("error") or "").strip().splitlines()
+    return f"{it['status']}: " + (last[-1][:60] if last else "?")
+
+
+def _ttft_tab(items) -> Tab:
+    """TTFT at the --ttft-prompts lengths, grouped by length, with the ratio to stock's."""
+    stock = {i["requested_prompt_len"]: i["ttft_ms"]["median"] for i in items
+             if i["variant"] == "stock" and i["status"] == "ok"}
+    rows = []
+    for it in sorted(items, key=lambda i: i["requested_prompt_len"]):   # stable: variant order kept
+        req, got, ok = it["requested_prompt_len"], it.get("prompt_len"), it["status"] == "ok"
+        med = it["ttft_ms"]["median"] if ok else None
+        rows.append([str(got if got == req or got is None else f"{got} (asked {req})"), it["variant"],
+                     _stats(it.get("ttft_ms")),
+                     _x(stock[req] / med) if med and req in stock else "-",
+                     _f(it.get("first_call_ms")), _item_status(it)])
+    return Tab(("prompt", "variant", "TTFT ms (min-max)", "x stock", "first call ms", "status"), rows, {0, 2, 3, 4})
+
+
+def _chat_tab(items) -> Tab:
+    rows = []
+    for it in items:
+        req = it["requested"]
+        size = f"{it.get('prompt_len') or '-'} + {it.get('new_tokens') or '-'}"
+        if (it.get("prompt_len"), it.get("new_tokens")) not in ((req["prompt_len"], req["new_tokens"]), (None, None)):
+            size += f" (asked {req['prompt_len']} + {req['new_tokens']})"
+        rows.append([it["variant"], size, _stats(it.get("e2e_ms"), "{:.1f}"), _f(it.get("e2e_tok_s"), "{:.1f}"),
+                     _x(it.get("speedup_vs_stock")), _f(it.get("first_call_ms"), "{:.1f}"), _item_status(it)])
+    return Tab(("variant", "prompt + new tokens", "end-to-end ms (min-max)", "tok/s incl. prefill", "x stock",
+                "first call ms", "status"), rows, {2, 3, 4, 5})
+
+
+def _cold_tab(cold) -> Tab:
+    rows = []
+    for it in cold["results"]:
+        c, w = it.get("cold_first_call_s"), it.get("warm_first_call_s")
+        files = ", ".join(f"{k.split('_')[0].lower()} {v['entries_after']}"
+                          for k, v in (it.get("caches") or {}).items())
+        rows.append([it["variant"], str(it["batch"]), _f(w), _f(c), _f(c - w if c and w else None, "{:+.2f}"),
+                     files or "-", _item_status(it)])
+    return Tab(("variant", "batch", "first call s, warm caches", "first call s, empty caches", "cold - warm s",
+                "files written to the empty caches", "status"), rows, {1, 2, 3, 4})
+
+
+def latency_tables(doc: dict) -> list[tuple[str, Tab]]:
+    """(title, table) of the batch-1 latency sections that ran: --ttft-prompts, --chat, --cold."""
+    out = []
+    if doc.get("ttft"):
+        out.append(("Time to first token, batch 1 (generate(max_new_tokens=1), random prompt, warm; median of "
+                    "reps):", _ttft_tab(doc["ttft"])))
+    if doc.get("chat"):
+        out.append(("Chat-like call, batch 1 (one generate() call end to end, greedy min=max new tokens, warm; "
+                    "median of reps):", _chat_tab(doc["chat"])))
+    if doc.get("cold"):
+        out.append(("Cold start (first generate() call of a fresh process; empty caches: "
+                    f"{', '.join(doc['cold']['emptied'])}):", _cold_tab(doc["cold"])))
+    return out
 
 
 def side_by_side(samples: dict, width: int = 120, max_chars: int = 400, ascii_only: bool = False) -> str:
@@ -239,15 +230,14 @@ def markdown(doc: dict) -> str:
         prompt_line,
         (f"- {a.get('warmup')} warm-ups excluded, median of {a.get('reps')} reps (min-max); "
          f"timer: {env.get('timer') or '-'}"),
-        ("- prefill = generate(1); decode/step = (generate(N) - generate(1)) / (N - 1); "
-         "x stock / x hf-static = decode-time speedup; first-call s = first generate(N) minus the median; "
-         "below noise = the difference was not above the noise (the spread of the repeats)"),
+        ("- TTFT (time to first token) = generate(max_new_tokens=1): prefill + the first token; decode/step = "
+         "(generate(N) - generate(1)) / (N - 1); x stock / x hf-static = decode-time speedup; first-call s = "
+         "first generate(N) minus the median; below noise = the difference was not above the noise (the "
+         "spread of the repeats)"),
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---:" if i in RIGHT else "---" for i in range(len(COLUMNS))) + "|",
-    ]
-    for r in table_rows(doc["results"]):
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
+    ] + md_table(Tab(COLUMNS, table_rows(doc["results"]), RIGHT))
+    for title, tab in latency_tables(doc):
+        lines += ["", title, ""] + md_table(tab)
     s = doc.get("samples")
     if s and s.get("outputs"):
         lines += ["", f"Text sample (batch {s['batch']}, first prompt: {s['prompt']!r}):", "",
@@ -256,109 +246,3 @@ def markdown(doc: dict) -> str:
     if doc["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------- plot
-
-COLORS = {"stock": "tab:gray", "hf-static": "tab:blue", "braid": "tab:orange", "braid-eager": "tab:green"}
-_MORE = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
-
-
-def _colors(variants):
-    extra = iter(_MORE)
-    return {v: COLORS.get(v) or next(extra, "black") for v in variants}
-
-
-def _why_missing(r) -> str:
-    if r["status"] != "ok":
-        return r["status"]
-    return "below noise" if "decode_ms_per_step" in (r.get("below_noise") or ()) else "no value"
-
-
-def figure(doc: dict):
-    """The tok/s figure (a matplotlib Figure, no pyplot state): grouped bars per batch size with every
-    variant in the legend and a note where a variant has no number (crashed, below noise); with several
-    batch sizes also a tok/s-vs-batch line plot. All labels stay inside the axes."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    from matplotlib.transforms import blended_transform_factory
-
-    results = doc["results"]
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    batches = sorted({r["batch"] for r in results})
-    color = _colors(variants)
-    get = {(r["variant"], r["batch"]): r for r in results}
-    vals = [r["tok_s"] for r in results if r["status"] == "ok" and r.get("tok_s")]
-    log = bool(vals) and max(vals) / min(vals) > 30   # stock next to braid: keep the small bars visible
-    several = len(batches) > 1
-    fig = Figure(figsize=(max(6.0, 1.5 * len(batches) * max(1, len(variants)) / 2) + (5.0 if several else 0), 4.6))
-    axes = fig.subplots(1, 2 if several else 1, squeeze=False)[0]
-    ax = axes[0]
-    width = 0.8 / max(1, len(variants))
-    trans = blended_transform_factory(ax.transData, ax.transAxes)
-    for vi, v in enumerate(variants):
-        xs, ys, lo, hi = [], [], [], []
-        for bi, b in enumerate(batches):
-            r = get.get((v, b))
-            if r is None:
-                continue
-            x = bi + (vi - (len(variants) - 1) / 2) * width
-            if r["status"] != "ok" or not r.get("tok_s"):
-                ax.text(x, 0.03, f"{v}: {_why_missing(r)}", transform=trans, rotation=90, ha="center",
-                        va="bottom", fontsize=7, color="red", clip_on=True)
-                continue
-            rng = r.get("tok_s_range") or {}
-            xs.append(x)
-            ys.append(r["tok_s"])
-            lo.append(max(0.0, r["tok_s"] - rng.get("min", r["tok_s"])))
-            hi.append(max(0.0, rng.get("max", r["tok_s"]) - r["tok_s"]))
-        if xs:
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=color[v], label=v)
-            for x, y, h in zip(xs, ys, hi):   # above the error bar, not on it
-                ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.2g}", (x, y + h), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    tops = [r["tok_s_range"]["max"] if r.get("tok_s_range") else r["tok_s"]
-            for r in results if r["status"] == "ok" and r.get("tok_s")]
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(min(vals) / 3, max(tops) * 8)
-    elif tops:
-        ax.set_ylim(0, max(tops) * 1.3)
-    else:
-        ax.set_ylim(0, 1)
-        ax.set_yticks([])
-    ax.set_xticks(range(len(batches)))
-    ax.set_xticklabels([f"batch {b}" for b in batches])
-    ax.set_xlim(-0.5, len(batches) - 0.5)
-    ax.set_ylabel("decode tok/s (median, min-max)" + (", log scale" if log else ""))
-    handles = [Patch(color=color[v], label=v) for v in variants]
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
-    if several:
-        lx = axes[1]
-        for v in variants:
-            pts = [(b, get[(v, b)]["tok_s"]) for b in batches
-                   if (v, b) in get and get[(v, b)]["status"] == "ok" and get[(v, b)].get("tok_s")]
-            if pts:
-                lx.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[v], label=v)
-        lx.set_xscale("log", base=2)
-        lx.set_xticks(batches)
-        lx.set_xticklabels([str(b) for b in batches])
-        lx.set_xlabel("batch size")
-        lx.set_ylabel("decode tok/s (median)")
-        if log:
-            lx.set_yscale("log")
-        elif tops:
-            lx.set_ylim(0, max(tops) * 1.15)
-        lx.grid(True, alpha=0.3)
-        lx.legend(handles=[Patch(color=color[v], label=v) for v in variants], fontsize=8, loc="best")
-        lx.set_title("tok/s vs batch size", fontsize=10)
-    env, name = doc["env"], str(doc["model"].get("name"))
-    if doc["model"].get("source") == "path":
-        name = os.path.basename(os.path.normpath(name))
-    ax.set_title(f"{name} {env['args'].get('dtype')} on {env['gpu_name'] or 'CPU'}", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot(doc: dict, path: str) -> None:
-    figure(doc).savefig(path, dpi=120)
