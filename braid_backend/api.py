@@ -9,7 +9,9 @@ from .hf.forward import PatchedForward
 from .hf.generate import PatchedGenerate
 from .kernels._common import kernels_usable
 from .model.spec import ModelPlan, Unsupported, plan_model
+from .model.fuse import unfuse_param
 from .model.step import DecodeStep
+from .model.tp import local
 from .options import PatchOptions
 from .report import PatchReport
 from .session import PatchSession, Status
@@ -64,7 +66,7 @@ def patch(model, **options) -> PatchReport:
         plan = plan_model(model)
     except Unsupported as e:
         return _refuse(model, report, str(e), opts.strict)
-    device = plan.lm_head.weight.device
+    device = local(plan.lm_head.weight).device
     usable, why = kernels_usable(device)
     if not usable:
         return _refuse(model, report, why, opts.strict)
@@ -102,6 +104,7 @@ def _packed_views(model) -> set:
 
 
 def _is_view(p: torch.Tensor) -> bool:
+    p = local(p)
     return p.untyped_storage().nbytes() > p.numel() * p.element_size()
 
 
@@ -111,7 +114,7 @@ def _rollback(model, views_before: set) -> None:
     for m in model.modules():
         for n, p in list(m._parameters.items()):
             if p is not None and _is_view(p) and (id(m), n) not in views_before:
-                m._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                unfuse_param(m, n)
 
 
 def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, device) -> None:
@@ -138,6 +141,8 @@ def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, devic
     report.stock.append(("prefill (more than one new token per sequence)",
                          "stock HF modules (SDPA) writing into the braid static cache"))
     report.stock.append(("model.embed_tokens", "plain index_select (nothing to fuse)"))
+    if p.tp is not None:
+        report.patched.append(("tensor parallelism", p.tp.describe()))
     if not (opts.graphs and device.type == "cuda"):
         report.stock.append(("CUDA graphs", "off" if not opts.graphs else f"device is {device.type}"))
     for w in p.warnings:   # differences from the family's full math that stock shares (e.g. softcap)

@@ -42,7 +42,8 @@ class Status:
 
 def params_signature(model) -> tuple:
     """Storage addresses of every parameter: changes when one is replaced, re-assigned or moved."""
-    return tuple(p.data_ptr() for p in model.parameters())
+    # a tensor-parallel (DTensor) parameter's address is its local shard's
+    return tuple((p.to_local() if hasattr(p, "to_local") else p).data_ptr() for p in model.parameters())
 
 
 def _forget_cache(session_ref, serial: int) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .tp import TPComm, TPMismatch, tp_layout
+
 # rope types whose cos/sin depend on the position only, so one precomputed table is exact
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 # longrope picks short or long factors from max(position_ids) of each forward: exact with two tables
@@ -155,6 +157,7 @@ class ModelPlan:
     logits_div: float | None = None                   # logits = logits / d              (Granite)
     final_softcap: float | None = None                # logits = tanh(logits / c) * c    (Gemma-2/3)
     longrope: int | None = None                       # original_max_position_embeddings of a longrope table
+    tp: TPComm | None = None                          # tensor-parallel rank layout (transformers tp_plan)
     warnings: list[str] = field(default_factory=list)  # patch() logs them and puts them in the report
 
 
@@ -361,7 +364,30 @@ def plan_model(model: nn.Module) -> ModelPlan:
                                 float(getattr(attn, "scaling", head_dim ** -0.5)), _layer_window(config, i),
                                 softcap, rope_key))
     intermediate = (gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features)
-    return ModelPlan(spec, layers, backbone.embed_tokens, _norm(backbone, "norm", hidden, "model"),
+    final_norm = _norm(backbone, "norm", hidden, "model")
+    try:
+        tp = tp_layout(model, _roles(model, layers, backbone.embed_tokens, final_norm, lm_head), n_heads, n_kv)
+    except TPMismatch as e:
+        raise Unsupported(f"tensor-parallel layout: {e}") from None
+    if tp is not None and any(len(lp.qkv) == 1 or len(lp.gate_up) == 1 for lp in layers):
+        raise Unsupported("tensor-parallel layout: packed qkv_proj / gate_up_proj shards are not fused")
+    return ModelPlan(spec, layers, backbone.embed_tokens, final_norm,
                      lm_head, backbone.rotary_emb, n_heads, n_kv, head_dim, hidden, intermediate,
-                     norm_eps(backbone.norm), act, longrope=longrope, warnings=warnings,
+                     norm_eps(backbone.norm), act, longrope=longrope, warnings=warnings, tp=tp,
                      **_model_scalars(model, config, spec, backbone.embed_tokens))
+
+
+def _roles(model, layers: list[LayerPlan], embed, final_norm, lm_head) -> dict:
+    """module name -> (tensor-parallel role, module) for every module the fused step reads."""
+    names = {id(m): n for n, m in model.named_modules()}
+    roles = {names[id(embed)]: ("embed", embed), names[id(lm_head)]: ("lm_head", lm_head),
+             names[id(final_norm)]: ("replicated", final_norm)}
+    for lp in layers:
+        for m in (*lp.qkv, *lp.gate_up):
+            roles[names[id(m)]] = ("col", m)
+        for m in (lp.o, lp.down):
+            roles[names[id(m)]] = ("row", m)
+        for m in (lp.attn_norm, lp.mlp_norm, lp.attn_out_norm, lp.mlp_out_norm, lp.q_norm, lp.k_norm):
+            if m is not None:
+                roles[names[id(m)]] = ("replicated", m)
+    return roles

@@ -34,6 +34,7 @@ from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
 from .spec import ModelPlan, norm_eps
+from .tp import local
 
 
 @dataclass
@@ -42,6 +43,10 @@ class FusedLayer:
     b_qkv: torch.Tensor | None
     w_gu: torch.Tensor
     b_gu: torch.Tensor | None
+    w_o: torch.Tensor             # this rank's shard under tensor parallelism (all of it otherwise)
+    b_o: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
     plan: object  # LayerPlan
     eps_attn: float
     eps_mlp: float
@@ -55,13 +60,17 @@ def _eps(m) -> float:
 
 
 def _w(m):
-    return m.weight if m is not None else None
+    return local(m.weight) if m is not None else None
+
+
+def _b(m):
+    return local(m.bias) if m.bias is not None else None
 
 
 def _packed(linears):
     """The packed weight/bias of q|k|v or gate|up: already one module (Phi-3) or packed here."""
     if len(linears) == 1:
-        return linears[0].weight, linears[0].bias
+        return linears[0].weight, linears[0].bias   # (tensor parallelism refuses packed modules)
     return fuse_linears(list(linears))
 
 
@@ -70,8 +79,8 @@ class StepBuffers:
     kv_lens), intermediates, and the logits it reads."""
 
     def __init__(self, st: "DecodeStep", M: int, max_len: int):
-        dev, dt, p = st.device, st.dtype, st.plan
-        n_qkv = (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
+        dev, dt, p, tp = st.device, st.dtype, st.plan, st.tp
+        n_qkv = (st.n_heads + 2 * st.n_kv_heads) * p.head_dim
         self.M, self.max_len = M, max_len
         self.ids = torch.zeros(M, dtype=torch.long, device=dev)
         self.pos = torch.zeros(M, dtype=torch.long, device=dev)
@@ -79,12 +88,21 @@ class StepBuffers:
         self.kv_lens = torch.ones(M, dtype=torch.int32, device=dev)
         self.x = torch.zeros(M, p.hidden, dtype=dt, device=dev)
         self.qkv = torch.zeros(M, n_qkv, dtype=dt, device=dev)
-        self.q = torch.zeros(M, p.n_heads, p.head_dim, dtype=dt, device=dev)
-        self.attn = torch.zeros(M, p.n_heads * p.head_dim, dtype=dt, device=dev)
-        self.act = torch.zeros(M, p.intermediate, dtype=dt, device=dev)
+        self.q = torch.zeros(M, st.n_heads, p.head_dim, dtype=dt, device=dev)
+        self.attn = torch.zeros(M, st.n_heads * p.head_dim, dtype=dt, device=dev)
+        self.act = torch.zeros(M, st.intermediate, dtype=dt, device=dev)
         self.logits = torch.zeros(M, st.vocab, dtype=dt, device=dev)
-        # scratch for sublayer outputs that are not just added to x (post-norms, residual multiplier)
+        # scratch for sublayer outputs that are not just added to x (post-norms, residual multiplier,
+        # tensor-parallel partial sums)
         self.tmp = torch.zeros(M, p.hidden, dtype=dt, device=dev) if st.needs_tmp else None
+        if tp is not None and tp.lm_sharded:
+            vl = st.vocab // tp.world
+            self.logits_part = torch.zeros(M, vl, dtype=dt, device=dev)
+            self.logits_all = torch.zeros(tp.world, M, vl, dtype=dt, device=dev)
+        if tp is not None and tp.embed_sharded:
+            self.local_ids = torch.zeros(M, dtype=torch.long, device=dev)
+            self.in_shard = torch.zeros(M, 1, dtype=torch.bool, device=dev)
+            self.below = torch.zeros(M, 1, dtype=torch.bool, device=dev)
         if p.longrope is not None:
             # per-step rope rows: row b holds cos/sin of token b; the kernel then reads row `rows[b]`
             st.ensure_rope_table(max_len)
@@ -95,8 +113,8 @@ class StepBuffers:
             self.pos_max = torch.zeros((), dtype=torch.long, device=dev)
             self.use_long = torch.zeros((), dtype=torch.long, device=dev)
             self.table_idx = torch.zeros(M, dtype=torch.long, device=dev)
-        self.num_splits = default_num_splits(M, p.n_kv_heads, max_len, st.num_sms)
-        self.ws = attention_workspace(M, p.n_heads, p.head_dim, self.num_splits, dev)
+        self.num_splits = default_num_splits(M, st.n_kv_heads, max_len, st.num_sms)
+        self.ws = attention_workspace(M, st.n_heads, p.head_dim, self.num_splits, dev)
 
 
 class DecodeStep:
@@ -105,18 +123,24 @@ class DecodeStep:
     backend = "triton"
 
     def __init__(self, plan: ModelPlan):
-        self.plan = plan
-        lm = plan.lm_head.weight
-        self.device, self.dtype, self.vocab = lm.device, lm.dtype, lm.shape[0]
-        self.num_layers, self.n_kv_heads, self.head_dim = len(plan.layers), plan.n_kv_heads, plan.head_dim
+        self.plan, self.tp = plan, plan.tp
+        world = plan.tp.world if plan.tp is not None else 1
+        lm = local(plan.lm_head.weight)
+        self.device, self.dtype, self.vocab = lm.device, lm.dtype, plan.lm_head.weight.shape[0]
+        self.w_lm, self.w_embed = lm, local(plan.embed.weight)
+        # this rank's heads and MLP slice (all of them on one device)
+        self.n_heads, self.n_kv_heads = plan.n_heads // world, plan.n_kv_heads // world
+        self.intermediate = plan.intermediate // world
+        self.num_layers, self.head_dim = len(plan.layers), plan.head_dim
         self.num_sms = num_sms(self.device)
         self.layers = []
         for lp in plan.layers:
             w_qkv, b_qkv = _packed(lp.qkv)
             w_gu, b_gu = _packed(lp.gate_up)
-            self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, lp, _eps(lp.attn_norm), _eps(lp.mlp_norm),
+            self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, _w(lp.o), _b(lp.o), _w(lp.down), _b(lp.down),
+                                          lp, _eps(lp.attn_norm), _eps(lp.mlp_norm),
                                           _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm), _eps(lp.q_norm)))
-        self.needs_tmp = plan.residual_mult is not None or any(
+        self.needs_tmp = self.tp is not None or plan.residual_mult is not None or any(
             lp.attn_out_norm is not None or lp.mlp_out_norm is not None for lp in plan.layers)
         self.rope_keys = sorted({lp.rope_key for lp in plan.layers}, key=lambda k: (k is None, k or ""))
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
@@ -124,12 +148,12 @@ class DecodeStep:
         self.weights_ptr = self._weights_ptr()
 
     def _weights_ptr(self) -> int:
-        return self.plan.layers[0].q.weight.data_ptr()
+        return local(self.plan.layers[0].q.weight).data_ptr()
 
     def weights_moved(self) -> bool:
         """True when someone replaced or moved the parameters (model.to(...), load_state_dict with assign)."""
         p = self.plan
-        return (self._weights_ptr() != self.weights_ptr or p.lm_head.weight.device != self.device
+        return (self._weights_ptr() != self.weights_ptr or local(p.lm_head.weight).device != self.device
                 or p.lm_head.weight.dtype != self.dtype)
 
     def release(self) -> None:
@@ -204,27 +228,56 @@ class DecodeStep:
         return StepBuffers(self, M, max_len)
 
     # -- the step ------------------------------------------------------------------------------------
-    def _sublayer_out(self, b: StepBuffers, h, lin, post_norm, eps: float) -> None:
-        """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points."""
-        p = self.plan
-        if post_norm is None and p.residual_mult is None:
-            fused_gemv(h, lin.weight, bias=lin.bias, residual=b.x, out=b.x)
+    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float) -> None:
+        """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points.
+
+        Tensor parallel: this rank's partial sum is rounded to the dtype, all-reduced, and the bias is
+        added after the reduce (once), as transformers' row-wise layer does."""
+        p, tp = self.plan, self.tp
+        if tp is None and post_norm is None and p.residual_mult is None:
+            fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
             return
-        fused_gemv(h, lin.weight, bias=lin.bias, out=b.tmp)
+        fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp)
+        if tp is not None:
+            tp.all_reduce(b.tmp)
+            if bias is not None:
+                b.tmp.add_(bias)
         if post_norm is not None:   # HF: residual + post_norm(y)
-            rmsnorm(b.tmp, post_norm.weight, eps=eps, norm_mode=p.spec.norm_mode,
+            rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
                     norm_offset=p.spec.norm_offset, out=b.tmp)
         if p.residual_mult is not None:   # HF: residual + y * m (two roundings, as here)
             b.tmp.mul_(p.residual_mult)
         b.x.add_(b.tmp)
+
+    def _embed(self, b: StepBuffers) -> None:
+        tp = self.tp
+        if tp is None or not tp.embed_sharded:
+            torch.index_select(self.w_embed, 0, b.ids, out=b.x)
+            return
+        # vocab-sharded embedding: rows this rank holds, zeros elsewhere, summed over ranks (exact: one
+        # non-zero term per token), as DTensor's masked lookup does for transformers' embedding_rowwise
+        n = self.w_embed.shape[0]
+        torch.sub(b.ids, tp.vocab_start, out=b.local_ids)
+        torch.ge(b.local_ids[:, None], 0, out=b.in_shard)
+        torch.lt(b.local_ids[:, None], n, out=b.below)
+        b.in_shard.logical_and_(b.below)
+        b.local_ids.clamp_(0, n - 1)
+        torch.index_select(self.w_embed, 0, b.local_ids, out=b.x)
+        b.x.mul_(b.in_shard)
+        tp.all_reduce(b.x)
+
+    def agree(self, tokens: torch.Tensor) -> None:
+        """Make every rank's selected tokens equal (rank 0's): sampling draws on each rank separately."""
+        if self.tp is not None:
+            self.tp.broadcast(tokens)
 
     @torch.no_grad()   # out= ops refuse parameters that require grad; the step is inference only
     def run(self, cache, b: StepBuffers) -> torch.Tensor:
         """One decode step for all b.M rows; reads b.ids/pos/slots/kv_lens, returns b.logits."""
         p = self.plan
         nm, no = p.spec.norm_mode, p.spec.norm_offset
-        dq, dk = p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim
-        torch.index_select(p.embed.weight, 0, b.ids, out=b.x)
+        dq, dk = self.n_heads * p.head_dim, self.n_kv_heads * p.head_dim
+        self._embed(b)
         if p.embed_scale is not None:
             b.x.mul_(p.embed_scale)   # HF: embeds * scale (a dtype-rounded tensor or a python float)
         ropes = self._rope_inputs(b)
@@ -234,26 +287,30 @@ class DecodeStep:
             fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
                        norm_mode=nm, norm_offset=no, out=b.qkv)
             if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
-                rmsnorm(b.qkv[:, :dq], lp.q_norm.weight, eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
+                rmsnorm(b.qkv[:, :dq], _w(lp.q_norm), eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
                         out=b.qkv[:, :dq])
-                rmsnorm(b.qkv[:, dq:dq + dk], lp.k_norm.weight, eps=norm_eps(lp.k_norm), norm_mode=nm,
+                rmsnorm(b.qkv[:, dq:dq + dk], _w(lp.k_norm), eps=norm_eps(lp.k_norm), norm_mode=nm,
                         norm_offset=no, out=b.qkv[:, dq:dq + dk])
             cos, sin, rows = ropes[lp.rope_key]
             rope_qkv_cache_write(
                 b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
-                n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, head_dim=p.head_dim,
-                q_norm_weight=lp.q_norm.weight if lp.q_norm is not None and not full_qk else None,
-                k_norm_weight=lp.k_norm.weight if lp.k_norm is not None and not full_qk else None,
+                n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=p.head_dim,
+                q_norm_weight=_w(lp.q_norm) if not full_qk else None,
+                k_norm_weight=_w(lp.k_norm) if not full_qk else None,
                 eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=cos.shape[1])
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
                              workspace=b.ws)
-            self._sublayer_out(b, b.attn, lp.o, lp.attn_out_norm, fl.eps_attn_out)
+            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out)
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
                        norm_mode=nm, norm_offset=no, act=p.act, out=b.act)
-            self._sublayer_out(b, b.act, lp.down, lp.mlp_out_norm, fl.eps_mlp_out)
-        fused_gemv(b.x, p.lm_head.weight, norm_weight=p.final_norm.weight, eps=p.eps,
-                   norm_mode=nm, norm_offset=no, out=b.logits)
+            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out)
+        tp = self.tp
+        lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
+        fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
+                   norm_mode=nm, norm_offset=no, out=lm_out)
+        if lm_out is not b.logits:
+            tp.gather_logits(lm_out, b.logits_all, b.logits)
         if p.logits_div is not None:      # Granite: logits / logits_scaling, in the model dtype like HF
             b.logits.div_(p.logits_div)
         if p.final_softcap is not None:   # Gemma-2/3: tanh(logits / cap) * cap, each op in the dtype like HF

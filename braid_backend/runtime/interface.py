@@ -46,6 +46,10 @@ class DecodeStep(Protocol):
     def run(self, cache, bufs: StepBuffers) -> torch.Tensor:
         """One step for all bufs.M rows: no host sync, no allocation; returns bufs.logits."""
 
+    def agree(self, tokens: torch.Tensor) -> None:
+        """Make the selected tokens equal on every process that runs this step together (tensor
+        parallelism: a broadcast); a no-op on one device. No host sync, capturable."""
+
     def weights_moved(self) -> bool:
         """True once the model's parameters are no longer the ones this step was built from."""
 

@@ -51,7 +51,7 @@ class FastLoop:
                               all_done=self.all_done[k:k + 1], ids=b.ids, pos=b.pos, slots=b.slots,
                               kv_lens=b.kv_lens)
                 continue
-            tok = select_next(logits, self.sel)
+            tok = select_next(logits, self.sel, self.step.agree)
             self.ring[k].copy_(tok)
             self.all_done[k] = self.sel.done.all()
             b.ids.copy_(tok)
@@ -75,7 +75,7 @@ def decode_tokens(loop: FastLoop, cache, prompt_ids: torch.Tensor, last_logits: 
     B, T = prompt_ids.shape
     sel = loop.sel
     sel.reset(prompt_ids, B)
-    first = select_next(_pad_rows(last_logits, loop.bucket), sel)
+    first = select_next(_pad_rows(last_logits, loop.bucket), sel, loop.step.agree)
     tokens = [first[:B, None]]
     n_new = 1
     if streamer is not None:

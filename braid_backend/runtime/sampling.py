@@ -90,13 +90,17 @@ def process_scores(scores: torch.Tensor, st: SelectState) -> torch.Tensor:
     return scores
 
 
-def select_next(logits: torch.Tensor, st: SelectState) -> torch.Tensor:
-    """Next token per row (M,), with finished rows emitting pad; updates st in place."""
+def select_next(logits: torch.Tensor, st: SelectState, agree=None) -> torch.Tensor:
+    """Next token per row (M,), with finished rows emitting pad; updates st in place. `agree(tok)`
+    makes a sampled draw equal on every tensor-parallel rank (greedy needs nothing: the logits are
+    bit-identical on every rank)."""
     scores = process_scores(logits.float(), st)
     if st.cfg.do_sample:
         probs = torch.softmax(scores, dim=-1)
         race = torch.empty_like(probs).exponential_()
         tok = (probs / race).argmax(dim=-1)
+        if agree is not None:
+            agree(tok)
     else:
         tok = scores.argmax(dim=-1)
     tok = torch.where(st.done, torch.full_like(tok, st.cfg.pad), tok)

@@ -1,0 +1,158 @@
+"""Tensor parallelism: what a transformers `tp_plan="auto"` model holds on each rank, checked against
+what the fused step assumes, and the collectives the step runs.
+
+transformers shards a TP model's parameters as DTensors over a 1-D "tp" device mesh (torchrun, one
+process per GPU): q/k/v and gate/up column-wise (Shard(0): each rank owns whole heads and a slice of
+the intermediate), o_proj and down row-wise (Shard(1): each rank computes a partial sum, all-reduced
+before the residual add, bias added once after it), the embedding either replicated or vocab-sharded
+(partial lookups summed), lm_head column-wise with its output gathered. The fused step runs each rank
+on its local shards (`local()` is the DTensor's own storage, no copy) with the same collectives stock
+runs, in the same order, so each rank's cast points match stock's.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+try:  # torch builds without distributed support have no DTensor: then nothing is sharded
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - such builds are rare
+    DTensor = None
+
+# transformers tp_plan styles whose layout the fused step reproduces, per role of a fused module
+STYLES = {
+    "col": {"colwise"},
+    "row": {"rowwise"},
+    "replicated": {None, "replicate", "replicated_with_grad_allreduce"},
+    "embed": {None, "embedding_rowwise"},
+    "lm_head": {None, "colwise_gather_output", "colwise_rep"},
+}
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """This rank's shard of a parameter (its own storage, not a copy); plain tensors as they are."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def has_dtensors(model) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def _style(plan: dict, name: str):
+    """The tp_plan style of module `name` (exact key or its layer-number wildcard), else None."""
+    if name in plan:
+        return plan[name]
+    return plan.get(re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name))
+
+
+@dataclass(eq=False)
+class TPComm:
+    """The process group of a TP model and the collectives of one fused decode step."""
+    group: object
+    world: int
+    rank: int
+    src: int                 # global rank of the group's rank 0 (broadcast source)
+    embed_sharded: bool      # embedding rows split over ranks: masked local lookup + all-reduce
+    vocab_start: int         # first embedding row this rank holds
+    lm_sharded: bool         # lm_head rows split over ranks: local logits + all-gather
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=self.group)
+
+    def gather_logits(self, part: torch.Tensor, gathered: torch.Tensor, out: torch.Tensor) -> None:
+        """out (M, V) <- the ranks' (M, V / world) slices, in rank order (gathered: (world, M, V / world))."""
+        dist.all_gather_into_tensor(gathered.flatten(0, 1), part, group=self.group)
+        M, Vl = part.shape
+        out.view(M, self.world, Vl).copy_(gathered.transpose(0, 1))
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=self.src, group=self.group)
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} of {self.world}: local heads and MLP slice, all-reduce after "
+                f"o_proj and down{', vocab-sharded embedding' if self.embed_sharded else ''}"
+                f"{', lm_head logits all-gathered' if self.lm_sharded else ''}")
+
+
+class TPMismatch(Exception):
+    """A TP layout the fused step does not reproduce (the caller turns it into Unsupported)."""
+
+
+def _mesh_group(mesh):
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        raise TPMismatch(f"{mesh.ndim}-D device mesh without a 'tp' dimension")
+    others = [n for n in names if n != "tp" and mesh[n].size() > 1]
+    if others:
+        raise TPMismatch(f"device mesh also shards over {others} (only tensor parallelism is fused)")
+    return mesh.get_group("tp")
+
+
+def _placement(p):
+    return tuple(p.placements) if is_dtensor(p) else None
+
+
+def _wanted(role: str, pname: str) -> set:
+    rep = {None, (Replicate(),)}
+    if role == "col":
+        return {(Shard(0),)}
+    if role == "row":   # the row-wise bias is added once, after the all-reduce
+        return {(Shard(1),)} if pname == "weight" else rep
+    if role in ("embed", "lm_head"):
+        return rep | {(Shard(0),)}
+    return rep
+
+
+def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: int) -> TPComm | None:
+    """Check every sharded parameter against the role of its module; None when nothing is sharded.
+
+    roles: module name -> (role, module) for every module the fused step reads (see STYLES)."""
+    sharded = {n: p for n, p in model.named_parameters() if is_dtensor(p)}
+    if not sharded:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise TPMismatch("parameters are DTensors but torch.distributed is not initialised")
+    mesh = next(iter(sharded.values())).device_mesh
+    if any(p.device_mesh != mesh for p in sharded.values()):
+        raise TPMismatch("parameters live on several device meshes")
+    group = _mesh_group(mesh)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n_heads % world or n_kv % world:
+        raise TPMismatch(f"{n_heads} query / {n_kv} key-value heads do not split evenly over {world} ranks")
+    plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
+    seen = set()
+    embed_sharded = lm_sharded = False
+    for name, (role, module) in roles.items():
+        style = _style(plan, name)
+        if style not in STYLES[role]:
+            raise TPMismatch(f"{name}: tp_plan style {style!r} (fused for this module: "
+                             f"{sorted(map(str, STYLES[role]))})")
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}"
+            seen.add(full)
+            pl = _placement(p)
+            if pl not in _wanted(role, pname):
+                raise TPMismatch(f"{full}: placement {pl} where the fused step needs one of "
+                                 f"{sorted(map(str, _wanted(role, pname)))} (None: a plain tensor)")
+            if pl is not None and any(isinstance(s, Shard) for s in pl):
+                d = pl[0].dim
+                if p.shape[d] % world:
+                    raise TPMismatch(f"{full}: dim {d} of size {p.shape[d]} does not split evenly over {world} ranks")
+            if role == "embed":
+                embed_sharded = pl == (Shard(0),)
+            if role == "lm_head":
+                lm_sharded = pl == (Shard(0),)
+    unknown = sorted(set(sharded) - seen)
+    if unknown:
+        raise TPMismatch(f"sharded parameters outside the fused modules: {unknown[:3]}")
+    vocab_start = rank * (local(model.get_input_embeddings().weight).shape[0]) if embed_sharded else 0
+    return TPComm(group, world, rank, dist.get_global_rank(group, 0), embed_sharded, vocab_start, lm_sharded)
