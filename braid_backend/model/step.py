@@ -95,6 +95,8 @@ class StepBuffers:
         # scratch for sublayer outputs that are not just added to x (post-norms, residual multiplier,
         # tensor-parallel partial sums)
         self.tmp = torch.zeros(M, p.hidden, dtype=dt, device=dev) if st.needs_tmp else None
+        # row-parallel partial sums (None: reduced in place in tmp)
+        self.part = tp.partial_buffer((M, p.hidden), dt, dev) if tp is not None else None
         if tp is not None and tp.lm_sharded:
             vl = st.vocab // tp.world
             self.logits_part = torch.zeros(M, vl, dtype=dt, device=dev)
@@ -237,9 +239,9 @@ class DecodeStep:
         if tp is None and post_norm is None and p.residual_mult is None:
             fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
             return
-        fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp)
+        fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
         if tp is not None:
-            tp.all_reduce(b.tmp)
+            tp.reduce_into(b.part, b.tmp)
             if bias is not None:
                 b.tmp.add_(bias)
         if post_norm is not None:   # HF: residual + post_norm(y)

@@ -11,6 +11,7 @@ runs, in the same order, so each rank's cast points match stock's.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -62,9 +63,27 @@ class TPComm:
     embed_sharded: bool      # embedding rows split over ranks: masked local lookup + all-reduce
     vocab_start: int         # first embedding row this rank holds
     lm_sharded: bool         # lm_head rows split over ranks: local logits + all-gather
+    all_reduce_impl: str = "nccl"   # "nccl" (the group's backend) or "symm" (symmetric-memory one-shot)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, group=self.group)
+
+    def partial_buffer(self, shape, dtype, device) -> torch.Tensor | None:
+        """Where a row-parallel GEMV writes its partial sums: a symmetric-memory tensor for the one-shot
+        all-reduce (peers read it directly), None for NCCL (which reduces the output in place)."""
+        if self.all_reduce_impl != "symm":
+            return None
+        import torch.distributed._symmetric_memory as symm_mem
+        t = symm_mem.empty(shape, dtype=dtype, device=device)
+        symm_mem.rendezvous(t, self.group.group_name)
+        return t
+
+    def reduce_into(self, part: torch.Tensor | None, out: torch.Tensor) -> None:
+        """out <- sum over ranks of `part` (None: of `out` itself, in place)."""
+        if part is None:
+            dist.all_reduce(out, group=self.group)
+        else:
+            torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.group.group_name, out)
 
     def gather_logits(self, part: torch.Tensor, gathered: torch.Tensor, out: torch.Tensor) -> None:
         """out (M, V) <- the ranks' (M, V / world) slices, in rank order (gathered: (world, M, V / world))."""
@@ -76,7 +95,7 @@ class TPComm:
         dist.broadcast(t, src=self.src, group=self.group)
 
     def describe(self) -> str:
-        return (f"rank {self.rank} of {self.world}: local heads and MLP slice, all-reduce after "
+        return (f"rank {self.rank} of {self.world}: local heads and MLP slice, {self.all_reduce_impl} all-reduce after "
                 f"o_proj and down{', vocab-sharded embedding' if self.embed_sharded else ''}"
                 f"{', lm_head logits all-gathered' if self.lm_sharded else ''}")
 
@@ -155,4 +174,10 @@ def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: i
     if unknown:
         raise TPMismatch(f"sharded parameters outside the fused modules: {unknown[:3]}")
     vocab_start = rank * (local(model.get_input_embeddings().weight).shape[0]) if embed_sharded else 0
-    return TPComm(group, world, rank, dist.get_global_rank(group, 0), embed_sharded, vocab_start, lm_sharded)
+    impl = os.environ.get("BRAID_TP_ALLREDUCE", "nccl")
+    if impl not in ("nccl", "symm"):
+        raise ValueError(f"BRAID_TP_ALLREDUCE={impl!r}: use 'nccl' (default) or 'symm'")
+    if impl == "symm" and next(iter(sharded.values())).device.type != "cuda":
+        raise ValueError("BRAID_TP_ALLREDUCE=symm needs CUDA devices (symmetric memory)")
+    return TPComm(group, world, rank, dist.get_global_rank(group, 0), embed_sharded, vocab_start, lm_sharded,
+                  impl)

@@ -137,7 +137,8 @@ def run(args) -> dict:
     sampled = model.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=True,
                              top_k=0, temperature=1.0, pad_token_id=0)
     res["sampled_same_on_ranks"] = _same_on_all_ranks(sampled)
-    res["last_path"] = braid_backend.status(model).last_path
+    st = braid_backend.status(model)
+    res["last_path"], res["graphs"], res["events"] = st.last_path, st.graphs, list(report.events)
     if args.bench_new:
         res["braid_tp"] = _time_decode(model, prompt, args.bench_new)
     braid_backend.unpatch(model)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Tensor-parallel GPU run (2 GPUs): correctness and decode speed of braid TP vs stock TP, TP=1 vs TP=2.
+#   STAGES="env tiny llama8b" bash scripts/tp_gpu.sh
+# Each stage writes its JSON/log to $OUT at once, so a run cut off by its time limit still reports.
+set -u
+OUT=${OUT:-$PWD/tp-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+STAGES=${STAGES:-"env tiny llama8b"}
+CK=${CK:-/tmp/braid-ckpt}
+NEW=${NEW:-64}
+t0=$(date +%s)
+stage() { echo; echo "=== $1 ($(( $(date +%s) - t0 ))s)"; }
+tp() {  # tp <name> <nproc> <limit_s> <checkpoint> [tp_check args...]
+  local name=$1 n=$2 lim=$3 ck=$4; shift 4
+  stage "$name"
+  timeout "$lim" torchrun --standalone --nproc-per-node "$n" -m braid_backend.testing.tp_check "$ck" \
+    --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit $?"; grep -v "Loading weights" "$OUT/$name.log" | tail -n 45
+}
+save() {  # save <preset> <dir> [overrides as python kwargs]
+  [ -f "$2/config.json" ] && return
+  stage "save $1"
+  timeout 300 python3 -c "
+import torch; from braid_backend.testing.tp_check import save_preset
+save_preset('$1', '$2', dtype=torch.bfloat16, device='cuda' ${3:+, $3})" 2>&1 | tail -n 3
+}
+for s in $STAGES; do
+  case $s in
+  env)
+    stage env
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvidia-smi topo -m
+      python3 -c "import torch,transformers,triton;print('torch',torch.__version__,'transformers',transformers.__version__,'triton',triton.__version__)"
+      date -u +%FT%TZ; } 2>&1 | tee "$OUT/env.txt" ;;
+  tiny)
+    save tiny-qwen2 "$CK/tiny-qwen2" "vocab_size=308"
+    tp tiny-qwen2-tp2 2 240 "$CK/tiny-qwen2" --dtype bf16 --new 24 ;;
+  llama8b)
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    tp llama8b-tp2-b1 2 400 "$CK/llama-3.1-8b" --bench-new "$NEW" --steps 8
+    BRAID_TP_ALLREDUCE=symm tp llama8b-tp2-b1-symm 2 300 "$CK/llama-3.1-8b" --no-fp32-ref --bench-new "$NEW" --steps 4
+    tp llama8b-tp1-b1 1 300 "$CK/llama-3.1-8b" --no-fp32-ref --bench-new "$NEW" --steps 4 ;;
+  llama8b-b16)
+    tp llama8b-tp2-b16 2 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4
+    tp llama8b-tp1-b16 1 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4 ;;
+  esac
+done
+stage done
