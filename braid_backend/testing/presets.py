@@ -60,6 +60,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
         tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
+    # a model that does not fit one GPU comfortably (issue #12: tensor parallelism)
+    "qwen2.5-32b": ("Qwen2Config", dict(
+        vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+        num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
     "gemma-2-9b": ("Gemma2Config", dict(
         vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
         num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
@@ -203,8 +209,10 @@ def build_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | to
         # a 7-9B model's fp32 init on the CPU needs ~32 GB of host memory and many minutes: init on the
         # GPU instead (other random values than a CPU init of the same seed; smaller presets keep the
         # CPU init, so their weights stay what earlier results were measured with)
+        # beyond ~20B even the fp32 init does not fit one GPU: init in the target dtype
+        init_dtype = dtype if _approx_params(cfg) > 2e10 else torch.float32
         with device:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=init_dtype)
     else:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     randomize_(model, seed)

@@ -42,6 +42,9 @@ def save_preset(name: str, path: str, dtype=torch.bfloat16, device="cpu", **over
 def _load(path: str, dtype):
     from transformers import AutoModelForCausalLM
 
+    if dist.get_world_size() == 1:   # TP=1: transformers would leave the model on the CPU
+        dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
     with warnings.catch_warnings():   # newer transformers prefer distributed_config=...; 5.17 has no such path
         warnings.simplefilter("ignore", FutureWarning)
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=dtype)
