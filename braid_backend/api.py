@@ -143,6 +143,9 @@ def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, devic
     report.stock.append(("model.embed_tokens", "plain index_select (nothing to fuse)"))
     if p.tp is not None:
         report.patched.append(("tensor parallelism", p.tp.describe()))
+        if p.tp.note:
+            log.warning("braid: %s", p.tp.note)
+            report.events.append(p.tp.note)
     if not (opts.graphs and device.type == "cuda"):
         report.stock.append(("CUDA graphs", "off" if not opts.graphs else f"device is {device.type}"))
     for w in p.warnings:   # differences from the family's full math that stock shares (e.g. softcap)

@@ -38,7 +38,7 @@ for s in $STAGES; do
   llama8b)
     save llama-3.1-8b "$CK/llama-3.1-8b"
     tp llama8b-tp2-b1 2 400 "$CK/llama-3.1-8b" --bench-new "$NEW" --steps 8
-    BRAID_TP_ALLREDUCE=symm tp llama8b-tp2-b1-symm 2 300 "$CK/llama-3.1-8b" --no-fp32-ref --bench-new "$NEW" --steps 4
+    BRAID_TP_ALLREDUCE=nccl tp llama8b-tp2-b1-nccl 2 300 "$CK/llama-3.1-8b" --no-fp32-ref --bench-new "$NEW" --steps 4
     tp llama8b-tp1-b1 1 300 "$CK/llama-3.1-8b" --no-fp32-ref --bench-new "$NEW" --steps 4 ;;
   llama8b-tp1)
     save llama-3.1-8b "$CK/llama-3.1-8b"

@@ -55,3 +55,23 @@ def test_uneven_vocab_is_left_stock_with_a_reason(tmp_path):
     res = run_tp(tmp_path, "tiny-llama", "fp32", "--no-fp32-ref", vocab_size=307)
     assert not res["patched"]
     assert "does not split evenly over 2 ranks" in res["report"]
+
+
+def test_all_reduce_choice_follows_the_env(monkeypatch):
+    import torch.distributed as dist
+
+    from braid_backend.model.tp import _choose_all_reduce
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group, cpu = dist.group.WORLD, torch.device("cpu")
+        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "bogus")
+        with pytest.raises(ValueError, match="BRAID_TP_ALLREDUCE"):
+            _choose_all_reduce(group, cpu)
+        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "symm")
+        with pytest.raises(ValueError, match="needs CUDA"):
+            _choose_all_reduce(group, cpu)
+        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "auto")
+        assert _choose_all_reduce(group, cpu) == ("gloo", None)
+    finally:
+        dist.destroy_process_group()

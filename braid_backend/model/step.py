@@ -236,9 +236,18 @@ class DecodeStep:
         Tensor parallel: this rank's partial sum is rounded to the dtype, all-reduced, and the bias is
         added after the reduce (once), as transformers' row-wise layer does."""
         p, tp = self.plan, self.tp
-        if tp is None and post_norm is None and p.residual_mult is None:
-            fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
-            return
+        if post_norm is None and p.residual_mult is None:
+            if tp is None:
+                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
+                return
+            if bias is None:
+                # x = sum over ranks of (rank 0: x + partial, others: partial): the all-reduce does the
+                # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
+                # stock rounds the sum first: the same error budget (the TP checks measure it).
+                dst = b.x if b.part is None else b.part
+                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst)
+                tp.reduce_into(b.part, b.x)
+                return
         fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
         if tp is not None:
             tp.reduce_into(b.part, b.tmp)
