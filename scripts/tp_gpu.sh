@@ -47,6 +47,9 @@ for s in $STAGES; do
     save llama-3.1-8b "$CK/llama-3.1-8b"
     tp llama8b-tp2-b16 2 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4
     tp llama8b-tp1-b16 1 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4 ;;
+  llama8b-tp2-b16)
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    tp llama8b-tp2-b16 2 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4 ;;
   qwen32b)
     # 65 GB of bf16 weights: TP=2 only; the fp32 reference is itself TP=2 (65 GB a GPU)
     save qwen2.5-32b "$CK/qwen2.5-32b"
