@@ -50,6 +50,17 @@ for s in $STAGES; do
   llama8b-tp2-b16)
     save llama-3.1-8b "$CK/llama-3.1-8b"
     tp llama8b-tp2-b16 2 400 "$CK/llama-3.1-8b" --no-fp32-ref --batch 16 --bench-new "$NEW" --steps 4 ;;
+  ab)
+    # same-machine A/B of the all-reduce (braid only, more repetitions): 8B TP=1 / TP=2 symm / TP=2 nccl,
+    # 32B TP=2 symm / nccl
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    A="--no-fp32-ref --no-stock-bench --steps 2 --new 8 --reps 7 --bench-new 128"
+    tp ab-8b-tp1 1 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=symm tp ab-8b-tp2-symm 2 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=nccl tp ab-8b-tp2-nccl 2 200 "$CK/llama-3.1-8b" $A
+    save qwen2.5-32b "$CK/qwen2.5-32b"
+    BRAID_TP_ALLREDUCE=symm tp ab-32b-tp2-symm 2 240 "$CK/qwen2.5-32b" $A
+    BRAID_TP_ALLREDUCE=nccl tp ab-32b-tp2-nccl 2 240 "$CK/qwen2.5-32b" $A ;;
   qwen32b)
     # 65 GB of bf16 weights: TP=2 only; the fp32 reference is itself TP=2 (65 GB a GPU)
     save qwen2.5-32b "$CK/qwen2.5-32b"

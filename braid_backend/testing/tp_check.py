@@ -79,9 +79,10 @@ def _time_decode(model, ids, new: int, reps: int = 3) -> dict:
     t_first = timed(new)
     timed(1)
     t1 = statistics.median(timed(1) for _ in range(reps))
-    tn = statistics.median(timed(new) for _ in range(reps))
+    tns = [timed(new) for _ in range(reps)]
+    tn = statistics.median(tns)
     step = (tn - t1) / (new - 1)
-    return {"first_call_ms": t_first, "generate_1_ms": t1, "generate_n_ms": tn, "decode_ms_per_step": step,
+    return {"reps": reps, "generate_n_all_ms": tns, "first_call_ms": t_first, "generate_1_ms": t1, "generate_n_ms": tn, "decode_ms_per_step": step,
             "tok_s": ids.shape[0] * 1e3 / step if step > 0 else None,
             "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if ids.is_cuda else None}
 
@@ -116,8 +117,8 @@ def run(args) -> dict:
     stock = teacher_forced_logits(model, prompt, cont)
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
     stock_greedy = model.generate(prompt, **gen)
-    if args.bench_new:
-        res["stock_tp"] = _time_decode(model, prompt, args.bench_new)
+    if args.bench_new and not args.no_stock_bench:
+        res["stock_tp"] = _time_decode(model, prompt, args.bench_new, args.reps)
 
     from ..model.tp import local
     before = {n: (local(p).clone(), getattr(p, "placements", None), p.shape) for n, p in model.named_parameters()}
@@ -143,7 +144,7 @@ def run(args) -> dict:
     st = braid_backend.status(model)
     res["last_path"], res["graphs"], res["events"] = st.last_path, st.graphs, list(report.events)
     if args.bench_new:
-        res["braid_tp"] = _time_decode(model, prompt, args.bench_new)
+        res["braid_tp"] = _time_decode(model, prompt, args.bench_new, args.reps)
     braid_backend.unpatch(model)
     # parameters: bit-exact, same shape and placement; logits: CPU BLAS results move by ~1 ulp with
     # the address of an identical weight, so they are compared by error, not bit for bit
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--bench-new", type=int, default=0)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (medians) with --bench-new")
+    p.add_argument("--no-stock-bench", action="store_true", help="time braid only")
     p.add_argument("--no-fp32-ref", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)
