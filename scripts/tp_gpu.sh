@@ -4,7 +4,8 @@
 # Each stage writes its JSON/log to $OUT at once, so a run cut off by its time limit still reports.
 set -u
 OUT=${OUT:-$PWD/tp-out}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/braid-tp-logs}   # logs go back as one tarball (the device tool returns few files)
+mkdir -p "$OUT" "$LOGS"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 STAGES=${STAGES:-"env tiny llama8b"}
 CK=${CK:-/tmp/braid-ckpt}
@@ -15,8 +16,9 @@ tp() {  # tp <name> <nproc> <limit_s> <checkpoint> [tp_check args...]
   local name=$1 n=$2 lim=$3 ck=$4; shift 4
   stage "$name"
   timeout "$lim" torchrun --standalone --nproc-per-node "$n" -m braid_backend.testing.tp_check "$ck" \
-    --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
-  echo "exit $?"; grep -v "Loading weights" "$OUT/$name.log" | tail -n 45
+    --out "$OUT/$name.json" "$@" > "$LOGS/$name.log" 2>&1
+  echo "exit $?"; grep -v "Loading weights" "$LOGS/$name.log" | tail -n 45
+  tar -czf "$OUT/logs.tgz" -C "$LOGS" .
 }
 save() {  # save <preset> <dir> [overrides as python kwargs]
   [ -f "$2/config.json" ] && return
