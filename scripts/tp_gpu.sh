@@ -63,6 +63,11 @@ for s in $STAGES; do
     save qwen2.5-32b "$CK/qwen2.5-32b"
     BRAID_TP_ALLREDUCE=symm tp ab-32b-tp2-symm 2 240 "$CK/qwen2.5-32b" $A
     BRAID_TP_ALLREDUCE=nccl tp ab-32b-tp2-nccl 2 240 "$CK/qwen2.5-32b" $A ;;
+  ab-residual)
+    save qwen2.5-32b "$CK/qwen2.5-32b"
+    A="--no-fp32-ref --no-stock-bench --steps 2 --new 8 --reps 7 --bench-new 128"
+    BRAID_TP_RESIDUAL_IN_REDUCE=0 tp ab-32b-tp2-symm-sepadd 2 240 "$CK/qwen2.5-32b" $A
+    tp ab-32b-tp2-symm 2 240 "$CK/qwen2.5-32b" $A ;;
   qwen32b)
     # 65 GB of bf16 weights: TP=2 only; the fp32 reference is itself TP=2 (65 GB a GPU)
     save qwen2.5-32b "$CK/qwen2.5-32b"

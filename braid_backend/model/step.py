@@ -23,6 +23,7 @@ kernel) implements the same few members and runs under the same graphs and loops
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,9 @@ from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
 from .spec import ModelPlan, norm_eps
 from .tp import local
+
+# A/B switch for the TP residual-through-the-all-reduce path (0: all-reduce, then a separate add)
+_RESIDUAL_IN_REDUCE = os.environ.get("BRAID_TP_RESIDUAL_IN_REDUCE", "1") != "0"
 
 
 @dataclass
@@ -240,7 +244,7 @@ class DecodeStep:
             if tp is None:
                 fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
                 return
-            if bias is None:
+            if bias is None and _RESIDUAL_IN_REDUCE:
                 # x = sum over ranks of (rank 0: x + partial, others: partial): the all-reduce does the
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
