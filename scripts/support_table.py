@@ -107,8 +107,9 @@ def table() -> str:
         "(e.g. dynamic NTK: its tables depend on the sequence length);",
         f"- activations other than {', '.join(sorted(ACTS))};",
         "- `use_bidirectional_attention=True`; attention implementations other than sdpa / eager;",
-        "- quantized, LoRA or other non-`nn.Linear` projections; models sharded over several devices;",
-        "  training mode; mixed or non-float parameter dtypes.",
+        "- quantized, LoRA or other non-`nn.Linear` projections; models split over several devices by",
+        "  `device_map`; tensor-parallel layouts other than the one described in \"Multi-GPU\"; training mode;",
+        "  mixed or non-float parameter dtypes.",
         "",
     ]
     return "\n".join(lines)

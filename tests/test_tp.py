@@ -75,3 +75,18 @@ def test_all_reduce_choice_follows_the_env(monkeypatch):
         assert _choose_all_reduce(group, cpu) == ("gloo", None)
     finally:
         dist.destroy_process_group()
+
+
+def test_bench_tp_flag_runs_torchrun_and_reports_a_refusal(tmp_path):
+    # the tiny presets' vocabulary (307) does not split over 2 ranks: stock TP is timed, braid says why
+    from braid_backend.bench.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["-m", "tiny-llama", "--tp", "2", "-b", "1", "-n", "3", "--reps", "1", "-p", "8",
+               "-o", str(out), "--no-bar"])
+    summary = json.loads((out / "tp-summary.json").read_text())
+    assert rc == 0 and summary["tp"] == 2
+    row = summary["rows"][0]
+    assert row["batch"] == 1 and row["world"] == 2 and not row["patched"]
+    assert "does not split evenly" in row["report"]
+    assert row["stock_tp"]["generate_n_ms"] > 0

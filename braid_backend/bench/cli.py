@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 if any variant/batch, TTFT length, chat call or cold run did not finish ok")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the variant subprocesses' full output")
     p.add_argument("--no-bar", action="store_true", help="no progress bar (the progress lines still print)")
+    p.add_argument("--tp", type=_positive("--tp"), default=1,
+                   help="tensor parallelism over N local GPUs (gloo processes on CPU): stock HF TP vs braid TP, "
+                        "through torchrun and transformers' tp_plan='auto' (see braid_backend/bench/tp.py)")
     return p
 
 
@@ -296,6 +299,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     for n in notes:
         _say("NOTE: " + n)
+    if args.tp > 1:
+        from .tp import run_tp
+        return run_tp(s, args.tp, out_dir, _say)
     prompt_desc = (f"prompt {s['prompt_len']}" if s["prompts"] == "random" or s["model_source"] == "preset"
                    else f"prompts {s['prompts']} (text if the checkpoint has a tokenizer)")
     _say(f"model {s['model']} {s['dtype']} on {s['device']}; variants {','.join(s['variants'])}; "
