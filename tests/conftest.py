@@ -20,3 +20,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if os.environ.get("BRAID_GPU_TESTS") and torch.cuda.is_available() else "cpu"
+
+
+# braid-bench's two shared CLI runs (tests/bench_common.py), once per session for every bench test file
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    import bench_common
+    return bench_common.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def braid_run(tmp_path_factory):
+    import bench_common
+    return bench_common.braid_run(tmp_path_factory)

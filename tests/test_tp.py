@@ -3,12 +3,13 @@ transformers' tp_plan="auto", patch it, and compare with stock TP (the Triton in
 kernels on each rank's shards). See braid_backend/testing/tp_check.py for what each field means."""
 import json
 import os
-import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from braid_backend.bench.tp import run_group
 from braid_backend.testing.tp_check import save_preset
 
 pytest.importorskip("accelerate")   # transformers needs it to load with tp_plan (the test extra has it)
@@ -22,8 +23,10 @@ def run_tp(tmp_path, preset, dtype, *extra, world=2, **overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
            "-m", "braid_backend.testing.tp_check", ckpt, "--dtype", dtype, "--prompt", "9", "--steps", "3",
            "--new", "5", "--out", str(out), *extra]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    log = tmp_path / f"{preset}-{dtype}.log"
+    with open(log, "w") as f:
+        code = run_group(cmd, env, 300, f)   # a hang kills every rank, not only torchrun
+    assert code == 0, log.read_text()[-4000:]
     return json.loads(out.read_text())
 
 
@@ -90,3 +93,24 @@ def test_bench_tp_flag_runs_torchrun_and_reports_a_refusal(tmp_path):
     assert row["batch"] == 1 and row["world"] == 2 and not row["patched"]
     assert "does not split evenly" in row["report"]
     assert row["stock_tp"]["generate_n_ms"] > 0
+
+
+def test_run_group_timeout_kills_the_workers_too(tmp_path):
+    # what a hung rank looks like to the launcher: a child that never returns, under a parent that waits
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print(c.pid, flush=True); time.sleep(120)")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        assert run_group([sys.executable, "-c", code], dict(os.environ), 3, f) == 124
+    pid = int(out.read_text().split()[0])
+    for _ in range(50):   # the kill is asynchronous: give the kernel a moment to reap it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as st:   # a zombie (Z) is dead, just not reaped by its dead parent
+            if st.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the worker survived its launcher's timeout")

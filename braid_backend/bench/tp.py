@@ -11,8 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+
+
+def run_group(cmd: list[str], env: dict, timeout: float, stdout) -> int:
+    """Run torchrun in its own process group; on timeout kill the whole group (torchrun's workers too:
+    killing torchrun alone leaves ranks blocked in a collective) and return 124."""
+    p = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return 124
 
 
 def tp_command(world: int, checkpoint: str, dtype: str, batch: int, prompt: int, new: int, reps: int,
@@ -48,10 +61,11 @@ def run_tp(s: dict, world: int, out_dir: str, say) -> int:
                          fp32_ref=(i == 0 and s["check"] != "none"))
         say("running: " + " ".join(cmd))
         with open(os.path.join(out_dir, f"tp-b{b}.log"), "w") as log:
-            p = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=s["timeout"])
-        if p.returncode or not os.path.exists(out):
-            say(f"batch {b}: torchrun exited {p.returncode}; see {out_dir}/tp-b{b}.log")
-            rows.append({"batch": b, "error": f"exit code {p.returncode}"})
+            code = run_group(cmd, env, s["timeout"], log)
+        if code or not os.path.exists(out):
+            why = f"timed out after {s['timeout']} s" if code == 124 else f"exit code {code}"
+            say(f"batch {b}: torchrun {why}; see {out_dir}/tp-b{b}.log")
+            rows.append({"batch": b, "error": why})
             rc = 1
             continue
         res = json.load(open(out))
