@@ -35,6 +35,7 @@ def check_agrees(res):
     assert "rank 0 of 2" in res["report"]
     assert res["last_path"] == "fast"
     assert res["greedy_equal_stock"] and res["greedy_same_on_ranks"] and res["sampled_same_on_ranks"]
+    assert res["sampled_hf_loop_same_on_ranks"] and res["sampled_hf_loop_path"].startswith("hf-loop")
     assert res["unpatch_params_exact"] and res["unpatch_err"] < 1e-5
 
 

@@ -96,6 +96,9 @@ def _set_rng_state(state, device) -> None:
 
 def braid_generate(s: PatchSession, model, *args, **kwargs):
     orig_generate = stock_generate(model)
+    # before any path (stock fallbacks too): tensor-parallel ranks that sample apart feed different
+    # tokens into the same all-reduces and stop at different steps, i.e. hang
+    s.step.sync_random_state()
     s.check_params(full=True)
     if not s.disabled and not model.training:
         maybe_verify(s, model, input_ids_of(args, kwargs), kwargs.get("attention_mask"))

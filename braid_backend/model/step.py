@@ -286,6 +286,11 @@ class DecodeStep:
         if self.tp is not None:
             self.tp.broadcast(tokens)
 
+    def sync_random_state(self) -> None:
+        """Tensor parallel: every rank takes rank 0's random state (called at each generate())."""
+        if self.tp is not None:
+            self.tp.sync_random_state(self.device)
+
     @torch.no_grad()   # out= ops refuse parameters that require grad; the step is inference only
     def run(self, cache, b: StepBuffers) -> torch.Tensor:
         """One decode step for all b.M rows; reads b.ids/pos/slots/kv_lens, returns b.logits."""

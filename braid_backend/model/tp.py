@@ -95,6 +95,18 @@ class TPComm:
     def broadcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=self.src, group=self.group)
 
+    def sync_random_state(self, device: torch.device) -> None:
+        """Every rank takes rank 0's random state for `device`: sampled draws then agree everywhere,
+        also in HF's own loop (which samples on each rank, as stock TP does)."""
+        if device.type == "cuda":
+            state = torch.cuda.get_rng_state(device).to(device)   # NCCL moves CUDA tensors only
+            dist.broadcast(state, src=self.src, group=self.group)
+            torch.cuda.set_rng_state(state.cpu(), device)
+        else:
+            state = torch.get_rng_state()
+            dist.broadcast(state, src=self.src, group=self.group)
+            torch.set_rng_state(state)
+
     def describe(self) -> str:
         return (f"rank {self.rank} of {self.world}: local heads and MLP slice, {self.all_reduce_impl} all-reduce after "
                 f"o_proj and down{', vocab-sharded embedding' if self.embed_sharded else ''}"

@@ -50,6 +50,10 @@ class DecodeStep(Protocol):
         """Make the selected tokens equal on every process that runs this step together (tensor
         parallelism: a broadcast); a no-op on one device. No host sync, capturable."""
 
+    def sync_random_state(self) -> None:
+        """Make the random state equal on every process that runs this step together (tensor
+        parallelism: rank 0's, once per generate() call); a no-op on one device."""
+
     def weights_moved(self) -> bool:
         """True once the model's parameters are no longer the ones this step was built from."""
 

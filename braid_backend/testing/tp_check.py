@@ -148,6 +148,14 @@ def run(args) -> dict:
     res["sampled_same_on_ranks"] = _same_on_all_ranks(sampled)
     st = braid_backend.status(model)
     res["last_path"], res["graphs"], res["events"] = st.last_path, st.graphs, list(report.events)
+    # HF's own loop (a processor the fast path lacks) samples on each rank: the random state is synced
+    torch.manual_seed(4321 + rank)
+    if cuda:
+        torch.cuda.manual_seed(4321 + rank)
+    sampled_hf = model.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=True,
+                                top_k=0, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    res["sampled_hf_loop_same_on_ranks"] = _same_on_all_ranks(sampled_hf.sequences)
+    res["sampled_hf_loop_path"] = braid_backend.status(model).last_path
     if args.bench_new:
         res["braid_tp"] = _time_decode(model, prompt, args.bench_new, args.reps)
     braid_backend.unpatch(model)
