@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,19 +37,13 @@ def tp_command(world: int, checkpoint: str, dtype: str, batch: int, prompt: int,
 
 def run_tp(s: dict, world: int, out_dir: str, say) -> int:
     """Runs every batch size; writes tp-b<B>.json / .log and tp-summary.json; returns an exit code."""
-    if shutil.which("nvidia-smi") is None and s["device"] == "cuda":
-        say("NOTE: no nvidia-smi on PATH; the ranks still pick cuda:LOCAL_RANK")
     ckpt = s["model"]
     if s["model_source"] == "preset":
         ckpt = os.path.join(out_dir, "checkpoint")
         if not os.path.exists(os.path.join(ckpt, "config.json")):
-            import torch
-
-            from ..testing.tp_check import save_preset
+            from ..testing.tp_check import DTYPES, save_preset
             say(f"saving preset {s['model']} as a random-weight checkpoint in {ckpt}")
-            save_preset(s["model"], ckpt, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
-                                                                  "fp32": "float32"}[s["dtype"]]),
-                        device=s["device"])
+            save_preset(s["model"], ckpt, dtype=DTYPES[s["dtype"]], device=s["device"])
     env = dict(os.environ)
     if s["device"] == "cpu":
         env["TRITON_INTERPRET"] = "1"

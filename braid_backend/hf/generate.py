@@ -97,8 +97,13 @@ def _set_rng_state(state, device) -> None:
 def braid_generate(s: PatchSession, model, *args, **kwargs):
     orig_generate = stock_generate(model)
     # before any path (stock fallbacks too): tensor-parallel ranks that sample apart feed different
-    # tokens into the same all-reduces and stop at different steps, i.e. hang
-    s.step.sync_random_state()
+    # tokens into the same all-reduces and stop at different steps, i.e. hang. Every rank takes rank
+    # 0's random state (agree is a no-op on one device; the state is then set back unchanged).
+    rng = _rng_state(s.step.device)
+    for t in rng:
+        if t is not None:
+            s.step.agree(t)
+    _set_rng_state(rng, s.step.device)
     s.check_params(full=True)
     if not s.disabled and not model.training:
         maybe_verify(s, model, input_ids_of(args, kwargs), kwargs.get("attention_mask"))

@@ -282,14 +282,9 @@ class DecodeStep:
         tp.all_reduce(b.x)
 
     def agree(self, tokens: torch.Tensor) -> None:
-        """Make every rank's selected tokens equal (rank 0's): sampling draws on each rank separately."""
+        """Make every rank's copy of `tokens` equal (rank 0's): sampled draws, random states."""
         if self.tp is not None:
             self.tp.broadcast(tokens)
-
-    def sync_random_state(self) -> None:
-        """Tensor parallel: every rank takes rank 0's random state (called at each generate())."""
-        if self.tp is not None:
-            self.tp.sync_random_state(self.device)
 
     @torch.no_grad()   # out= ops refuse parameters that require grad; the step is inference only
     def run(self, cache, b: StepBuffers) -> torch.Tensor:

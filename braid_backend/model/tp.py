@@ -65,6 +65,7 @@ class TPComm:
     lm_sharded: bool         # lm_head rows split over ranks: local logits + all-gather
     all_reduce_impl: str = "nccl"   # the group's backend ("nccl", "gloo") or "symm" (symmetric-memory one-shot)
     note: str | None = None         # why the faster all-reduce is not used, for the report
+    device: torch.device = torch.device("cpu")   # this rank's device
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, group=self.group)
@@ -93,19 +94,14 @@ class TPComm:
         out.view(M, self.world, Vl).copy_(gathered.transpose(0, 1))
 
     def broadcast(self, t: torch.Tensor) -> None:
+        """t <- rank 0's t. A host tensor (a random state) travels through the device for NCCL, which
+        moves CUDA tensors only; device tensors go as they are (no host sync: capturable)."""
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            tmp = t.to(self.device)
+            dist.broadcast(tmp, src=self.src, group=self.group)
+            t.copy_(tmp.cpu())
+            return
         dist.broadcast(t, src=self.src, group=self.group)
-
-    def sync_random_state(self, device: torch.device) -> None:
-        """Every rank takes rank 0's random state for `device`: sampled draws then agree everywhere,
-        also in HF's own loop (which samples on each rank, as stock TP does)."""
-        if device.type == "cuda":
-            state = torch.cuda.get_rng_state(device).to(device)   # NCCL moves CUDA tensors only
-            dist.broadcast(state, src=self.src, group=self.group)
-            torch.cuda.set_rng_state(state.cpu(), device)
-        else:
-            state = torch.get_rng_state()
-            dist.broadcast(state, src=self.src, group=self.group)
-            torch.set_rng_state(state)
 
     def describe(self) -> str:
         return (f"rank {self.rank} of {self.world}: local heads and MLP slice, {self.all_reduce_impl} all-reduce after "
@@ -187,9 +183,10 @@ def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: i
     if unknown:
         raise TPMismatch(f"sharded parameters outside the fused modules: {unknown[:3]}")
     vocab_start = rank * (local(model.get_input_embeddings().weight).shape[0]) if embed_sharded else 0
-    impl, note = _choose_all_reduce(group, next(iter(sharded.values())).device)
+    device = next(iter(sharded.values())).device
+    impl, note = _choose_all_reduce(group, device)
     return TPComm(group, world, rank, dist.get_global_rank(group, 0), embed_sharded, vocab_start, lm_sharded,
-                  impl, note)
+                  impl, note, device)
 
 
 def _choose_all_reduce(group, device) -> tuple[str, str | None]:

@@ -47,12 +47,9 @@ class DecodeStep(Protocol):
         """One step for all bufs.M rows: no host sync, no allocation; returns bufs.logits."""
 
     def agree(self, tokens: torch.Tensor) -> None:
-        """Make the selected tokens equal on every process that runs this step together (tensor
-        parallelism: a broadcast); a no-op on one device. No host sync, capturable."""
-
-    def sync_random_state(self) -> None:
-        """Make the random state equal on every process that runs this step together (tensor
-        parallelism: rank 0's, once per generate() call); a no-op on one device."""
+        """Make `tokens` equal on every process that runs this step together (tensor parallelism: rank
+        0's, by broadcast); a no-op on one device. Device tensors: no host sync, capturable. Host
+        tensors (random states) also work, outside captures."""
 
     def weights_moved(self) -> bool:
         """True once the model's parameters are no longer the ones this step was built from."""
