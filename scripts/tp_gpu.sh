@@ -68,6 +68,22 @@ for s in $STAGES; do
     A="--no-fp32-ref --no-stock-bench --steps 2 --new 8 --reps 7 --bench-new 128"
     BRAID_TP_RESIDUAL_IN_REDUCE=0 tp ab-32b-tp2-symm-sepadd 2 240 "$CK/qwen2.5-32b" $A
     tp ab-32b-tp2-symm 2 240 "$CK/qwen2.5-32b" $A ;;
+  flags)
+    # the flag-synced reduce kernel (kernels/tp_reduce.py, default since it exists): correctness on tiny
+    # models (bias path, post-norm path), then a same-machine A/B against torch's one-shot op at 8B
+    save tiny-qwen2 "$CK/tiny-qwen2" "vocab_size=308"
+    BRAID_TP_ALLREDUCE=flags tp tiny-qwen2-tp2-flags 2 240 "$CK/tiny-qwen2" --dtype bf16 --new 24
+    save tiny-gemma2 "$CK/tiny-gemma2" "vocab_size=308"
+    BRAID_TP_ALLREDUCE=flags tp tiny-gemma2-tp2-flags 2 240 "$CK/tiny-gemma2" --dtype bf16 --new 24
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    A="--no-fp32-ref --no-stock-bench --steps 2 --new 8 --reps 7 --bench-new 128"
+    tp ab-8b-tp1 1 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=flags tp ab-8b-tp2-flags 2 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=symm tp ab-8b-tp2-symm 2 200 "$CK/llama-3.1-8b" $A ;;
+  flags-full)
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    BRAID_TP_ALLREDUCE=flags tp llama8b-tp2-b1-flags 2 400 "$CK/llama-3.1-8b" --bench-new "$NEW" --steps 8
+    BRAID_TP_ALLREDUCE=flags tp llama8b-tp2-b16-flags 2 300 "$CK/llama-3.1-8b" --no-fp32-ref --no-stock-bench --batch 16 --bench-new "$NEW" --steps 4 ;;
   qwen32b)
     # 65 GB of bf16 weights: TP=2 only; the fp32 reference is itself TP=2 (65 GB a GPU)
     save qwen2.5-32b "$CK/qwen2.5-32b"

@@ -234,13 +234,20 @@ class DecodeStep:
         return StepBuffers(self, M, max_len)
 
     # -- the step ------------------------------------------------------------------------------------
-    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float) -> None:
+    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float, slot: int) -> None:
         """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points.
 
         Tensor parallel: this rank's partial sum is rounded to the dtype, all-reduced, and the bias is
-        added after the reduce (once), as transformers' row-wise layer does."""
+        added after the reduce (once), as transformers' row-wise layer does. `slot`: which of the two
+        partial-sum slots of the "flags" reduce (attention 0, MLP 1: consecutive reduces alternate)."""
         p, tp = self.plan, self.tp
-        if post_norm is None and p.residual_mult is None:
+        if tp is not None and tp.all_reduce_impl == "flags":
+            fused_gemv(h, w, out=b.part.slot(slot))
+            if post_norm is None and p.residual_mult is None:
+                b.part.reduce(slot, b.x, residual=b.x, bias=bias)
+                return
+            b.part.reduce(slot, b.tmp, bias=bias)
+        elif post_norm is None and p.residual_mult is None:
             if tp is None:
                 fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
                 return
@@ -252,11 +259,12 @@ class DecodeStep:
                 fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst)
                 tp.reduce_into(b.part, b.x)
                 return
-        fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
-        if tp is not None:
-            tp.reduce_into(b.part, b.tmp)
-            if bias is not None:
-                b.tmp.add_(bias)
+        if tp is None or tp.all_reduce_impl != "flags":
+            fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
+            if tp is not None:
+                tp.reduce_into(b.part, b.tmp)
+                if bias is not None:
+                    b.tmp.add_(bias)
         if post_norm is not None:   # HF: residual + post_norm(y)
             rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
                     norm_offset=p.spec.norm_offset, out=b.tmp)
@@ -316,10 +324,10 @@ class DecodeStep:
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
                              workspace=b.ws)
-            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out)
+            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0)
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
                        norm_mode=nm, norm_offset=no, act=p.act, out=b.act)
-            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out)
+            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
         tp = self.tp
         lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
         fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..kernels.tp_reduce import programs_for, tp_reduce
+
 try:  # torch builds without distributed support have no DTensor: then nothing is sharded
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - such builds are rare
@@ -63,16 +65,21 @@ class TPComm:
     embed_sharded: bool      # embedding rows split over ranks: masked local lookup + all-reduce
     vocab_start: int         # first embedding row this rank holds
     lm_sharded: bool         # lm_head rows split over ranks: local logits + all-gather
-    all_reduce_impl: str = "nccl"   # the group's backend ("nccl", "gloo") or "symm" (symmetric-memory one-shot)
+    # the group's backend ("nccl", "gloo"), "symm" (torch's symmetric-memory one-shot) or "flags" (ours:
+    # kernels/tp_reduce.py over symmetric memory, residual and bias folded in)
+    all_reduce_impl: str = "nccl"
     note: str | None = None         # why the faster all-reduce is not used, for the report
     device: torch.device = torch.device("cpu")   # this rank's device
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, group=self.group)
 
-    def partial_buffer(self, shape, dtype, device) -> torch.Tensor | None:
-        """Where a row-parallel GEMV writes its partial sums: a symmetric-memory tensor for the one-shot
-        all-reduce (peers read it directly), None for NCCL (which reduces the output in place)."""
+    def partial_buffer(self, shape, dtype, device):
+        """Where a row-parallel GEMV writes its partial sums: symmetric memory that peers read directly
+        ("flags": `FlagPartials`, two slots; "symm": one tensor for the one-shot op), None for the group's
+        backend (which reduces the output in place)."""
+        if self.all_reduce_impl == "flags":
+            return FlagPartials(self, shape, dtype, device)
         if self.all_reduce_impl != "symm":
             return None
         import torch.distributed._symmetric_memory as symm_mem
@@ -107,6 +114,42 @@ class TPComm:
         return (f"rank {self.rank} of {self.world}: local heads and MLP slice, {self.all_reduce_impl} all-reduce after "
                 f"o_proj and down{', vocab-sharded embedding' if self.embed_sharded else ''}"
                 f"{', lm_head logits all-gathered' if self.lm_sharded else ''}")
+
+
+class FlagPartials:
+    """Two partial-sum slots (attention output, MLP output) and the flag words of `tp_reduce`, in one
+    symmetric-memory allocation that every rank of the group maps.
+
+    The flags are zeroed and the device synchronised before the rendezvous: a peer learns this
+    buffer's address only from the rendezvous, so no signal of its can land before the zeros."""
+
+    def __init__(self, comm: "TPComm", shape, dtype, device):
+        import torch.distributed._symmetric_memory as symm_mem
+        M, N = shape
+        n = M * N
+        self.shape, self.rank, self.world, self.n = (M, N), comm.rank, comm.world, n
+        self.nprog = programs_for(n)
+        data_bytes = -(-2 * n * dtype.itemsize // 16) * 16
+        buf = symm_mem.empty(data_bytes + comm.world * self.nprog * 8, dtype=torch.uint8, device=device)
+        buf.zero_()
+        torch.cuda.synchronize(device)
+        h = symm_mem.rendezvous(buf, comm.group.group_name)
+        off = buf.data_ptr() - h.buffer_ptrs[comm.rank]   # the tensor's place in its allocation
+        bases = [int(p) + off for p in h.buffer_ptrs]
+        self._buf, self._handle = buf, h                  # keep the mapping alive as long as the slots
+        self.data = buf[:data_bytes].view(dtype)
+        self.data_ptrs = torch.tensor(bases, dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor([b + data_bytes for b in bases], dtype=torch.int64, device=device)
+        self.counters = torch.zeros(self.nprog, dtype=torch.int64, device=device)
+
+    def slot(self, k: int) -> torch.Tensor:
+        return self.data[k * self.n:(k + 1) * self.n].view(self.shape)
+
+    def reduce(self, k: int, out: torch.Tensor, residual: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> None:
+        """out <- [residual +] [bias +] sum over ranks of slot k (every rank gets the same bits)."""
+        tp_reduce(self.data_ptrs, self.flag_ptrs, self.counters, k * self.n, self.rank, self.world, out,
+                  residual=residual, bias=bias, nprog=self.nprog)
 
 
 class TPMismatch(Exception):
@@ -190,16 +233,17 @@ def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: i
 
 
 def _choose_all_reduce(group, device) -> tuple[str, str | None]:
-    """("symm", None) when every rank can map symmetric memory (CUDA, NVLink/P2P peers): the one-shot
-    all-reduce cut Llama-3.1-8B TP=2 batch 1 from 3.05 to 2.77 ms/step on 2 H200s against NCCL;
-    else the group's own backend, with the reason. BRAID_TP_ALLREDUCE=nccl|symm forces one."""
+    """("flags", None) when every rank can map symmetric memory (CUDA, NVLink/P2P peers): our flag-synced
+    reduce kernel, part of the PDL chain (kernels/tp_reduce.py); "symm" is torch's one-shot op over the
+    same memory (cut Llama-3.1-8B TP=2 batch 1 from 3.05 to 2.77-2.92 ms/step against NCCL on 2 H200s);
+    else the group's own backend, with the reason. BRAID_TP_ALLREDUCE=nccl|symm|flags forces one."""
     want = os.environ.get("BRAID_TP_ALLREDUCE", "auto")
-    if want not in ("auto", "nccl", "symm"):
-        raise ValueError(f"BRAID_TP_ALLREDUCE={want!r}: use 'auto' (default), 'nccl' or 'symm'")
+    if want not in ("auto", "nccl", "symm", "flags"):
+        raise ValueError(f"BRAID_TP_ALLREDUCE={want!r}: use 'auto' (default), 'nccl', 'symm' or 'flags'")
     backend = str(dist.get_backend(group))
     if device.type != "cuda":
-        if want == "symm":
-            raise ValueError("BRAID_TP_ALLREDUCE=symm needs CUDA devices (symmetric memory)")
+        if want in ("symm", "flags"):
+            raise ValueError(f"BRAID_TP_ALLREDUCE={want} needs CUDA devices (symmetric memory)")
         return backend, None
     if want == "nccl":
         return backend, None
@@ -208,7 +252,7 @@ def _choose_all_reduce(group, device) -> tuple[str, str | None]:
         import torch.distributed._symmetric_memory as symm_mem
         probe = symm_mem.empty(16, dtype=torch.float32, device=device)
         symm_mem.rendezvous(probe, group.group_name)
-        ok = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
+        ok = want != "symm" or hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
         if not ok:
             why = "this torch has no symm_mem.one_shot_all_reduce_out"
     except Exception as e:  # no P2P access, an old torch, ...
@@ -216,8 +260,8 @@ def _choose_all_reduce(group, device) -> tuple[str, str | None]:
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if int(flag.item()):
-        return "symm", None
+        return ("symm" if want == "symm" else "flags"), None
     why = why or "another rank could not map symmetric memory"
-    if want == "symm":
-        raise ValueError(f"BRAID_TP_ALLREDUCE=symm: {why}")
+    if want != "auto":
+        raise ValueError(f"BRAID_TP_ALLREDUCE={want}: {why}")
     return backend, f"symmetric-memory all-reduce unavailable ({why}); using {backend}"
