@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import DOT_UPCAST, interpret_mode, next_pow2, num_sms, pdl_launch_kwargs, require, triton, tl
+from ._common import (DOT_UPCAST, interpret_mode, launch, next_pow2, num_sms, pdl_launch_kwargs, require, tl,
+                      triton)
 
 if triton is not None:
     from ._common import pdl_wait
@@ -239,7 +240,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
     ieee = DOT_UPCAST or q.dtype == torch.float32
     pdl = pdl_launch_kwargs(q.device)
-    _attn_split_kernel[(M, n_kv, num_splits)](
+    launch(_attn_split_kernel, (M, n_kv, num_splits))(
         q, q.stride(0), q.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -253,7 +254,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         num_warps=4, num_stages=2, **pdl,
     )
     if num_splits > 1:
-        _attn_combine_kernel[(M, n_heads)](
+        launch(_attn_combine_kernel, (M, n_heads))(
             wm, wl, wacc, *ws_strides,
             out, out.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,

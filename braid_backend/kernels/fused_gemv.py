@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, next_pow2, norm_reference, num_sms,
+from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, launch, next_pow2, norm_reference, num_sms,
                       pdl_launch_kwargs, tl, triton)
 
 if triton is not None:
@@ -320,13 +320,13 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                  **pdl_launch_kwargs(x.device))
     if cfg["path"] == "gemv":
         grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
-        _gemv_kernel[grid](*args, **flags)
+        launch(_gemv_kernel, grid)(*args, **flags)
     elif cfg["path"] == "tc":
         if min(bm, bn, bk) < 16:
             raise ValueError(f"tc path needs BLOCK_M/N/K >= 16, got {bm}/{bn}/{bk}")
         grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn))
-        _tc_kernel[grid](*args, **flags, DOT_UPCAST=DOT_UPCAST,
-                         IEEE=DOT_UPCAST or x.dtype == torch.float32)
+        launch(_tc_kernel, grid)(*args, **flags, DOT_UPCAST=DOT_UPCAST,
+                                 IEEE=DOT_UPCAST or x.dtype == torch.float32)
     else:
         raise ValueError(f"unknown path {cfg['path']!r}")
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import next_pow2, pdl_launch_kwargs, require, tl, triton
+from ._common import launch, next_pow2, pdl_launch_kwargs, require, tl, triton
 
 if triton is not None:
     from ._common import pdl_wait
@@ -110,10 +110,10 @@ def greedy_select(logits, ws: GreedyWorkspace, *, done, count, eos, min_new: int
     n_eos = int(eos.numel())
     eos_arg = eos if n_eos else count   # never read with N_EOS == 0
     pdl = pdl_launch_kwargs(logits.device)
-    _block_argmax_kernel[(M, ws.nb)](
+    launch(_block_argmax_kernel, (M, ws.nb))(
         logits, logits.stride(0), V, ws.val, ws.idx, ws.nb, count, eos_arg, int(min_new),
         N_EOS=n_eos if min_new > 0 else 0, BLOCK=BLOCK_V, num_warps=8, **pdl)
-    _finish_kernel[(1,)](
+    launch(_finish_kernel, (1,))(
         ws.val, ws.idx, ws.nb, M, V, done.view(torch.int8), count, eos_arg, int(pad),
         out_tok, all_done.view(torch.int8), ids, pos, slots, kv_lens,
         N_EOS=n_eos, M_PAD=max(2, next_pow2(M)), NB_PAD=max(2, next_pow2(ws.nb)), num_warps=4, **pdl)

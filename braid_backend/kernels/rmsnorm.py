@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BF16_RNE_FIX, check_norm_mode, next_pow2, norm_reference, pdl_launch_kwargs, tl, triton
+from ._common import (BF16_RNE_FIX, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
+                      tl, triton)
 
 if triton is not None:
     from ._common import apply_norm, pdl_wait, round_to
@@ -98,7 +99,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
     block_k = min(next_pow2(K), MAX_BLOCK_K)
     num_warps = 4 if block_k <= 1024 else 8
     res = residual if residual is not None else x  # dummy pointer when HAS_RES is off
-    _rmsnorm_kernel[(M,)](
+    launch(_rmsnorm_kernel, (M,))(
         x, res, weight, out,
         K, x.stride(0), res.stride(0), out.stride(0),
         float(eps), float(norm_offset),

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BF16_RNE_FIX, check_norm_mode, next_pow2, norm_reference, pdl_launch_kwargs, require, triton, tl
+from ._common import (BF16_RNE_FIX, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
+                      require, tl, triton)
 
 if triton is not None:
     from ._common import pdl_wait, round_to
@@ -142,7 +143,7 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
     qn = q_norm_weight if q_norm_weight is not None else cos
     kn = k_norm_weight if k_norm_weight is not None else cos
     grid = (M, n_heads + n_kv_heads)
-    _rope_qkv_cache_kernel[grid](
+    launch(_rope_qkv_cache_kernel, grid)(
         qkv, qkv.stride(0),
         cos, sin, cos.stride(0), sin.stride(0),
         positions, slots,

@@ -3,17 +3,21 @@
 One graph per GraphKey (batch bucket, cache buffers, what the body does); all graphs share one memory
 pool and each has its own static StepBuffers, so replays never allocate. A graph is captured the first
 time it is needed (warm-up on a side stream first, which also compiles the Triton kernels) and again
-only when the cache buffers are re-allocated (growth, new dtype/size).
+only when the cache buffers are re-allocated (growth, new dtype/size). Before the first warm-up of a body
+at a bucket, its kernels are compiled in parallel worker processes (runtime/precompile.py; BRAID_PRECOMPILE=0
+turns that off), so the warm-up only loads them from Triton's on-disk cache.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
 
+from . import precompile as _precompile
 from .interface import DecodeStep, StepBuffers, fill_inputs
 
 log = logging.getLogger("braid_backend")
@@ -55,6 +59,7 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[GraphKey, CapturedStep] = {}
         self.captures = 0
+        self.precompiled: dict = {}   # (tag, bucket) -> precompile summary: one dry run each
 
     def release(self) -> None:
         self.graphs.clear()
@@ -97,6 +102,7 @@ class GraphRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            pre = self._precompile(key, lambda: (prime(), body(bufs)))
             for _ in range(2):
                 prime()
                 body(bufs)
@@ -108,9 +114,31 @@ class GraphRunner:
         cache.valid[:key.bucket, first:].copy_(saved_valid)
         captured = self.graphs[key] = CapturedStep(graph, bufs, out)
         self.captures += 1
-        log.info("braid: captured decode graph (bucket %d, %s) in %.2fs", key.bucket, key.tag,
-                 time.perf_counter() - t0)
+        log.info("braid: captured decode graph (bucket %d, %s) in %.2fs%s", key.bucket, key.tag,
+                 time.perf_counter() - t0, f" ({_precompile.describe(pre)})" if pre else "")
         return captured
+
+    def _precompile(self, key: GraphKey, dry_body) -> dict | None:
+        """Compile the kernels of `dry_body` in parallel before the warm-up (see runtime/precompile.py),
+        once per (body tag, bucket) of this runner: another bucket launches other variants (tile sizes,
+        gemv vs tensor-core path), while a re-capture of the same pair (cache re-allocated) would only
+        repeat the dry run. BRAID_PRECOMPILE=0 turns it off; under the interpreter it does nothing.
+
+        Why the dry body is safe to run: its torch ops run, its Triton kernels do not, so buffers that
+        only kernels write keep their contents. The torch ops that index memory read bufs.ids
+        (embedding), bufs.pos (longrope rows), bufs.slots (cache.valid scatter) and sampled tokens
+        (repetition-penalty scatter): new_buffers() zero-fills ids/pos/slots and prime() sets slots and
+        pos before the dry run; in the greedy body only the skipped select kernel advances them (they
+        stay primed), in the sampled body torch advances them by K - 1 at most, which warm_slots
+        leaves room for, and tokens come from an argmax (always in range). cache.valid's warm slots are
+        restored after capture, like the warm-up's writes."""
+        if os.environ.get("BRAID_PRECOMPILE", "1") == "0":
+            return None
+        once = (key.tag, key.bucket)
+        if once in self.precompiled:
+            return None
+        self.precompiled[once] = summary = _precompile.precompile(dry_body)
+        return summary
 
     def step_once(self, cache, bucket: int, ids: torch.Tensor, pos: torch.Tensor | None, slot: int):
         """One decode step for HF's own loop: inputs copied into the bucket's static buffers, graph

@@ -1,0 +1,277 @@
+"""Cold-start precompile (runtime/precompile.py) and the launch indirection (kernels/_common.launch), on
+the CPU.
+
+The real path needs a GPU only for the driver (current device / stream / target): here a fake driver
+stands in, so a real JITFunction's dry run goes through Triton's own binder, specialisation and
+jit_cache_hook, the recorded variants compile for sm_90 in forked workers into a temporary
+TRITON_CACHE_DIR, and the normal compile path afterwards must find them there (a cache hit: no new
+file), which is what makes the cold first call cheap on the GPU."""
+import os
+import threading
+import time
+import types
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from braid_backend.kernels import _common  # noqa: E402
+from braid_backend.kernels._common import dry_launches, launch  # noqa: E402
+from braid_backend.runtime import graphs, precompile as pc  # noqa: E402
+
+
+def _axpy(x, y, out, n, BLOCK: tl.constexpr, SCALE: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(out + i, tl.load(x + i, mask=m) * SCALE + tl.load(y + i, mask=m), mask=m)
+
+
+def _interpreted():
+    return InterpretedFunction(_axpy)
+
+
+def _jitted():
+    """A fresh JITFunction (not triton.jit: that gives an InterpretedFunction while TRITON_INTERPRET=1,
+    which other test modules set), so no variant is compiled in memory yet."""
+    return JITFunction(_axpy)
+
+
+# ------------------------------------------------------------------------------------- launch (a)
+
+def test_launch_runs_the_kernel_and_dry_runs_skip_it_only_on_their_thread():
+    k = _interpreted()
+    x, y = torch.arange(40, dtype=torch.float32), torch.ones(40)
+    out = torch.full((40,), -1.0)
+    launch(k, (3,))(x, y, out, 40, BLOCK=16, SCALE=2.0)
+    torch.testing.assert_close(out, x * 2 + 1)
+    # the same as the direct launch it replaces
+    ref = torch.full((40,), -1.0)
+    k[(3,)](x, y, ref, 40, BLOCK=16, SCALE=2.0)
+    assert torch.equal(out, ref)
+
+    out.fill_(-1.0)
+    other = torch.full((40,), -1.0)
+    with dry_launches():
+        launch(k, (3,))(x, y, out, 40, BLOCK=16, SCALE=2.0)   # warmup: a no-op under the interpreter
+        t = threading.Thread(target=lambda: launch(k, (3,))(x, y, other, 40, BLOCK=16, SCALE=2.0))
+        t.start()
+        t.join()
+        with pytest.raises(RuntimeError):   # not re-entrant
+            with dry_launches():
+                pass
+    assert torch.equal(out, torch.full((40,), -1.0)), "a dry launch wrote its output"
+    assert torch.equal(other, ref), "another thread's launch was skipped by this thread's dry run"
+    assert _common._DRY_THREAD is None
+
+
+def test_precompile_under_the_interpreter_is_a_no_op(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    called = []
+    s = pc.precompile(lambda: called.append(1))
+    assert "TRITON_INTERPRET" in s["skipped"] and s["found"] == s["compiled"] == 0
+    assert not called, "the body must not run when precompile cannot work"
+    assert "skipped" in pc.describe(s)
+
+
+# ------------------------------------------------------------------ record + compile, fake driver (b)
+
+class _FakeDriver:
+    """What JITFunction.run asks the driver for, without a GPU; only in this process: a worker that asked
+    (on a GPU it would touch the CUDA context inherited through fork) gets an error."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def _here(self):
+        if os.getpid() != self.pid:
+            raise RuntimeError("a precompile worker asked the driver")
+
+    def get_current_device(self):
+        self._here()
+        return 0
+
+    def get_current_stream(self, device):
+        self._here()
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        self._here()
+        return GPUTarget("cuda", 90, 32)
+
+    def __getattr__(self, name):   # anything else (utils, launcher, ...): never, anywhere
+        raise RuntimeError(f"driver.{name} used")
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    from triton.runtime.driver import driver
+
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    saved = driver._active
+    driver._active = _FakeDriver()
+    try:
+        yield cache
+    finally:
+        driver._active = saved
+
+
+def _files(d) -> set:
+    return {str(p) for p in d.rglob("*") if p.is_file()} if d.exists() else set()
+
+
+def _args(n=64):
+    x = torch.zeros(n)
+    return x, torch.zeros(n), torch.zeros(n), n
+
+
+def test_dry_run_records_variants_and_workers_fill_the_cache_the_launch_path_reads(fake_gpu):
+    from triton import knobs
+
+    k = _jitted()
+    before_hook = knobs.runtime.jit_cache_hook
+
+    def body():
+        launch(k, (1,))(*_args(), BLOCK=64, SCALE=2.0)
+        launch(k, (1,))(*_args(), BLOCK=64, SCALE=2.0)   # the same variant: compiled once
+        launch(k, (2,))(*_args(), BLOCK=32, SCALE=2.0, num_warps=2)
+
+    s = pc.precompile(body, workers=2)
+    assert s["skipped"] == "" and s["failed"] == [], s
+    assert (s["found"], s["compiled"], s["workers"]) == (2, 2, 2)
+    assert knobs.runtime.jit_cache_hook is before_hook, "the hook must be restored"
+    assert _common._DRY_THREAD is None
+    filled = _files(fake_gpu)
+    assert filled, "the workers wrote nothing to TRITON_CACHE_DIR"
+    # the normal path (no hook): both variants are cache hits, so it writes nothing new ...
+    k.warmup(*_args(), grid=(1,), BLOCK=64, SCALE=2.0)
+    k.warmup(*_args(), grid=(2,), BLOCK=32, SCALE=2.0, num_warps=2)
+    assert _files(fake_gpu) == filled, "the launch path missed the precompiled cache entries"
+    # ... while a variant nobody precompiled does get compiled (the check above can fail)
+    k.warmup(*_args(), grid=(1,), BLOCK=16, SCALE=2.0)
+    assert _files(fake_gpu) > filled
+    # compiled in memory now: a second dry run finds nothing to do and forks nothing
+    s2 = pc.precompile(body)
+    assert (s2["found"], s2["compiled"], s2["workers"], s2["failed"]) == (0, 0, 0, [])
+    # a new process (here: a new JITFunction of the same source) with the cache kept: found on disk,
+    # nothing forked, nothing written
+    k = _jitted()
+    now = _files(fake_gpu)
+    s3 = pc.precompile(body)
+    assert (s3["found"], s3["on_disk"], s3["compiled"], s3["workers"]) == (2, 2, 0, 0), s3
+    assert _files(fake_gpu) == now and "2 already in" in pc.describe(s3)
+
+
+def _spec(k) -> pc.KernelSpec:
+    """Recorded through the real hook (so the test sees what the GPU path records)."""
+    rec = pc.record(lambda: launch(k, (1,))(*_args(), BLOCK=64, SCALE=3.0))
+    assert len(rec.specs) == 1 and not rec.errors
+    return rec.specs[0]
+
+
+def test_hand_built_spec_compiles_in_a_worker_and_again_is_a_cache_hit(fake_gpu):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    k = _jitted()
+    target = GPUTarget("cuda", 90, 32)
+    opts = make_backend(target).parse_options({"num_warps": 4})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}   # 16-byte aligned pointers, n % 16 == 0
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        attrs.update({(4,): [], (5,): []})   # 3.7+ list the constexprs too (no attributes)
+    spec = pc.KernelSpec(k, {"x": "*fp32", "y": "*fp32", "out": "*fp32", "n": "i32", "BLOCK": "constexpr",
+                             "SCALE": "constexpr"}, {(4,): 64, (5,): 3.0}, attrs, target, dict(opts.__dict__))
+    assert not pc.cached_on_disk(spec)
+    res = pc.compile_parallel([spec], 1)
+    assert res["compiled"] == 1 and res["failed"] == [], res
+    assert pc.cached_on_disk(spec)
+    filled = _files(fake_gpu)
+    assert filled
+    t0 = time.perf_counter()
+    pc.compile_spec(spec)   # in this process now: found on disk
+    assert _files(fake_gpu) == filled and time.perf_counter() - t0 < 5
+    # the hand-built spec is what the launch path compiles for this launch: a cache hit there too
+    k.warmup(*_args(), grid=(1,), BLOCK=64, SCALE=3.0)
+    assert _files(fake_gpu) == filled
+    assert _spec(_jitted()).ident() == spec.ident()
+
+
+def _raise(spec):
+    raise ValueError("bad kernel")
+
+
+def _hang(spec):
+    time.sleep(120)
+
+
+def _die(spec):
+    os._exit(3)
+
+
+@pytest.mark.parametrize("fn, want, timeout", [(_raise, "ValueError: bad kernel", 60),
+                                               (_hang, "worker killed", 1.0),
+                                               (_die, "worker exited (3)", 60)])
+def test_worker_failures_are_reported_not_raised_and_never_hang(fake_gpu, fn, want, timeout):
+    spec = _spec(_jitted())
+    t0 = time.perf_counter()
+    res = pc.compile_parallel([spec, spec], 2, timeout=timeout, compile_fn=fn)
+    assert time.perf_counter() - t0 < 20
+    assert res["compiled"] == 0 and len(res["failed"]) == 2, res
+    assert all(want in f and "_axpy" in f for f in res["failed"]), res["failed"]
+    assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("braid-")]
+
+
+def test_failures_inside_precompile_are_a_summary(fake_gpu, monkeypatch):
+    from triton import knobs
+
+    k = _jitted()
+    monkeypatch.setattr(pc, "compile_spec", _raise)
+    s = pc.precompile(lambda: launch(k, (1,))(*_args(), BLOCK=64, SCALE=2.0))
+    assert s["found"] == 1 and s["compiled"] == 0 and "bad kernel" in s["failed"][0]
+    assert "1 failed" in pc.describe(s)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    hook = knobs.runtime.jit_cache_hook
+    s = pc.precompile(broken)
+    assert "dry run failed" in s["skipped"] and "boom" in s["skipped"]
+    assert knobs.runtime.jit_cache_hook is hook and _common._DRY_THREAD is None
+
+
+def test_recorder_passes_other_threads_to_the_previous_hook():
+    seen = []
+    rec = pc.Recorder(previous=lambda **kw: seen.append(kw) or "prev")
+    got = []
+    t = threading.Thread(target=lambda: got.append(rec(fn=None, compile={}, key="k")))
+    t.start()
+    t.join()
+    assert got == ["prev"] and len(seen) == 1 and not rec.specs
+    # its own thread: recorded or not, never compiled now
+    bad = types.SimpleNamespace(jit_function=None, name="k")
+    assert rec(fn=bad, compile={}, key="k") is True and rec.errors and not rec.specs
+
+
+# ----------------------------------------------------------------------------- GraphRunner's switch
+
+def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_env(monkeypatch):
+    calls = []
+    monkeypatch.setattr(graphs._precompile, "precompile", lambda body: calls.append(body) or {"found": 0})
+    runner = types.SimpleNamespace(precompiled={})
+    key = graphs.GraphKey(1, 0, 0, 64, "hf-step")
+    monkeypatch.setenv("BRAID_PRECOMPILE", "0")
+    assert graphs.GraphRunner._precompile(runner, key, "body") is None and not calls
+    monkeypatch.delenv("BRAID_PRECOMPILE")
+    assert graphs.GraphRunner._precompile(runner, key, "body") == {"found": 0}
+    assert graphs.GraphRunner._precompile(runner, graphs.GraphKey(1, 0, 1, 128, "hf-step"), "body") is None
+    graphs.GraphRunner._precompile(runner, graphs.GraphKey(2, 0, 0, 64, "hf-step"), "body")
+    graphs.GraphRunner._precompile(runner, graphs.GraphKey(1, 0, 0, 64, ("fast", 8)), "body")
+    assert len(calls) == 3
