@@ -84,6 +84,15 @@ for s in $STAGES; do
     save llama-3.1-8b "$CK/llama-3.1-8b"
     BRAID_TP_ALLREDUCE=flags tp llama8b-tp2-b1-flags 2 400 "$CK/llama-3.1-8b" --bench-new "$NEW" --steps 8
     BRAID_TP_ALLREDUCE=flags tp llama8b-tp2-b16-flags 2 300 "$CK/llama-3.1-8b" --no-fp32-ref --no-stock-bench --batch 16 --bench-new "$NEW" --steps 4 ;;
+  flags-load)
+    # peer loads of the flags reduce: .cg (vector) vs volatile (scalar), batch 1 and 16, symm as baseline
+    save llama-3.1-8b "$CK/llama-3.1-8b"
+    A="--no-fp32-ref --no-stock-bench --steps 2 --new 8 --reps 5 --bench-new 128"
+    tp ab-8b-tp1 1 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=flags tp ab-8b-tp2-flags-cg 2 200 "$CK/llama-3.1-8b" $A
+    BRAID_TP_ALLREDUCE=flags tp ab-8b-tp2-flags-cg-b16 2 200 "$CK/llama-3.1-8b" $A --batch 16
+    BRAID_TP_ALLREDUCE=flags BRAID_TP_REDUCE_LOAD=volatile tp ab-8b-tp2-flags-vol-b16 2 200 "$CK/llama-3.1-8b" $A --batch 16
+    BRAID_TP_ALLREDUCE=symm tp ab-8b-tp2-symm-b16 2 200 "$CK/llama-3.1-8b" $A --batch 16 ;;
   qwen32b)
     # 65 GB of bf16 weights: TP=2 only; the fp32 reference is itself TP=2 (65 GB a GPU)
     save qwen2.5-32b "$CK/qwen2.5-32b"

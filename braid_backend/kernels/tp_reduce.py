@@ -22,6 +22,8 @@ overwrites the slot this rank is still reading.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._common import BF16_RNE_FIX, pdl_launch_kwargs, require, tl, triton
@@ -33,7 +35,8 @@ if triton is not None:
     def _tp_reduce_kernel(data_ptrs, flag_ptrs, counters, bias, res, out, n_elem, N, slot_off,
                           RANK: tl.constexpr, WORLD: tl.constexpr, NPROG: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DTYPE: tl.constexpr,
-                          BLOCK: tl.constexpr, BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr):
+                          BLOCK: tl.constexpr, BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
+                          LOAD_CG: tl.constexpr):
         pid = tl.program_id(0)
         pdl_wait(USE_PDL)
         epoch = tl.load(counters + pid) + 1
@@ -54,8 +57,13 @@ if triton is not None:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for q in tl.static_range(WORLD):
             base = tl.load(data_ptrs + q).to(tl.pointer_type(DTYPE))
-            # volatile: an earlier call read this slot's addresses, a non-coherent L1 may still hold them
-            acc += tl.load(base + slot_off + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            # an earlier call read this slot's addresses and a non-coherent L1 may still hold them: bypass
+            # it (.cg, vector loads) or read volatile (scalar loads: slow over NVLink at batch 16)
+            if LOAD_CG:
+                v = tl.load(base + slot_off + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            else:
+                v = tl.load(base + slot_off + offs, mask=mask, other=0.0, volatile=True)
+            acc += v.to(tl.float32)
         y = round_to(acc, DTYPE, BF16_FIX)                       # the reduced partial sums, as stock TP holds them
         if HAS_BIAS:
             y = round_to(y + tl.load(bias + offs % N, mask=mask, other=0.0).to(tl.float32), DTYPE, BF16_FIX)
@@ -64,6 +72,8 @@ if triton is not None:
         tl.store(out + offs, y.to(DTYPE), mask=mask)
 
 
+# A/B switch for the peer loads (see the kernel); .cg unless BRAID_TP_REDUCE_LOAD=volatile
+LOAD_CG = os.environ.get("BRAID_TP_REDUCE_LOAD", "cg") != "volatile"
 BLOCK = 1024   # elements per program: Llama-8B's hidden 4096 at batch 1 is 4 programs, 4 flag pairs
 
 
@@ -101,7 +111,7 @@ def tp_reduce(data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, counters: torch.
         data_ptrs, flag_ptrs, counters, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, n, N, int(slot_off),
         RANK=rank, WORLD=world, NPROG=nprog, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        DTYPE=dt, BLOCK=BLOCK, BF16_FIX=BF16_RNE_FIX, num_warps=4, **pdl_launch_kwargs(out.device))
+        DTYPE=dt, BLOCK=BLOCK, BF16_FIX=BF16_RNE_FIX, LOAD_CG=LOAD_CG, num_warps=4, **pdl_launch_kwargs(out.device))
     return out
 
 
