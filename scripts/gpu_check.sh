@@ -3,6 +3,8 @@
 #   bash scripts/gpu_check.sh                 # everything
 #   STAGES="tests bench" bash scripts/gpu_check.sh
 #   STAGES="env test-reliability breakdown bench test-kernel" BENCH_MODELS="qwen2.5-0.5b:1:braid" bash scripts/gpu_check.sh
+#   BENCH_ARGS="--ttft-prompts 128,2048" PROMPT=8000 NEW=64 TAG=-8k: extra braid-bench flags, lengths, a
+#   suffix for the result folder (stage cold: scripts/cold_start_gpu.sh)
 # Results land in $OUT (the device tool's output folder) or ./gpu-out: one tarball of everything
 # plus summary.txt, so that the device tool's 8-file limit is never hit.
 set -u
@@ -57,6 +59,10 @@ for s in $STAGES; do
     timeout 150 python3 benchmarks/kernels/bench_gemv.py --out "$WORK/gemv.json" --budget ${GEMV_BUDGET:-40} > "$WORK/gemv.log" 2>&1
     timeout 120 python3 benchmarks/kernels/bench_attention.py --out "$WORK/attention.json" > "$WORK/attention.log" 2>&1
     tail -n 3 "$WORK/gemv.log" "$WORK/attention.log" ;;
+  cold)
+    # cold start (issue #13): fresh processes, empty vs kept Triton cache, BRAID_PRECOMPILE=1/0
+    stage cold
+    OUT=$WORK/cold CASE_TIMEOUT=${COLD_TIMEOUT:-150} timeout 500 bash scripts/cold_start_gpu.sh 2>&1 | tail -n 12 ;;
   breakdown)
     stage breakdown
     timeout ${BREAKDOWN_TIMEOUT:-200} python3 benchmarks/step_breakdown.py qwen2.5-0.5b --out "$WORK/breakdown.json" > "$WORK/breakdown.log" 2>&1
@@ -66,9 +72,9 @@ for s in $STAGES; do
       m=${mb%%:*}; rest=${mb#*:}; b=${rest%%:*}; v=${rest#*:}; [ "$v" = "$rest" ] && v=$VARIANTS
       stage "bench $m batch $b ($v)"
       timeout ${BENCH_TIMEOUT:-600} python3 -m braid_backend.bench -m "$m" -b "$b" --variants "$v" \
-        -p 128 -n 256 --reps ${REPS:-3} --warmup ${WARMUP:-2} --timeout ${VARIANT_TIMEOUT:-400} \
-        -o "$WORK/bench-$m-b${b//,/_}" > "$WORK/bench-$m-b${b//,/_}.log" 2>&1
-      tail -n 8 "$WORK/bench-$m-b${b//,/_}.log"
+        -p ${PROMPT:-128} -n ${NEW:-256} --reps ${REPS:-3} --warmup ${WARMUP:-2} --timeout ${VARIANT_TIMEOUT:-400} \
+        ${BENCH_ARGS:-} -o "$WORK/bench-$m-b${b//,/_}${TAG:-}" > "$WORK/bench-$m-b${b//,/_}${TAG:-}.log" 2>&1
+      tail -n 8 "$WORK/bench-$m-b${b//,/_}${TAG:-}.log"
       publish
     done ;;
   esac

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ._common import BF16_RNE_FIX, pdl_launch_kwargs, require, tl, triton
+from ._common import BF16_RNE_FIX, launch, pdl_launch_kwargs, require, tl, triton
 
 if triton is not None:
     from ._common import pdl_wait, round_to
@@ -107,7 +107,8 @@ def tp_reduce(data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, counters: torch.
         require(bias.shape == (N,), "bias must be (N,)")
     dummy = out
     dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[out.dtype]
-    _tp_reduce_kernel[(grid,)](
+    # launch(): a precompile dry run must never launch this one (it signals peers)
+    launch(_tp_reduce_kernel, (grid,))(
         data_ptrs, flag_ptrs, counters, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, n, N, int(slot_off),
         RANK=rank, WORLD=world, NPROG=nprog, HAS_BIAS=bias is not None, HAS_RES=residual is not None,

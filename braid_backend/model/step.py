@@ -35,7 +35,7 @@ from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
 from .spec import ModelPlan, norm_eps
-from .tp import local
+from .tp import FlagPartials, local
 
 # A/B switch for the TP residual-through-the-all-reduce path (0: all-reduce, then a separate add)
 _RESIDUAL_IN_REDUCE = os.environ.get("BRAID_TP_RESIDUAL_IN_REDUCE", "1") != "0"
@@ -241,7 +241,8 @@ class DecodeStep:
         added after the reduce (once), as transformers' row-wise layer does. `slot`: which of the two
         partial-sum slots of the "flags" reduce (attention 0, MLP 1: consecutive reduces alternate)."""
         p, tp = self.plan, self.tp
-        if tp is not None and tp.all_reduce_impl == "flags":
+        flags = isinstance(b.part, FlagPartials)
+        if flags:
             fused_gemv(h, w, out=b.part.slot(slot))
             if post_norm is None and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
@@ -259,7 +260,7 @@ class DecodeStep:
                 fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst)
                 tp.reduce_into(b.part, b.x)
                 return
-        if tp is None or tp.all_reduce_impl != "flags":
+        if not flags:
             fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
             if tp is not None:
                 tp.reduce_into(b.part, b.tmp)
