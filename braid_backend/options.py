@@ -14,6 +14,7 @@ class PatchOptions:
     graph_steps: int = 8         # decode steps per host round-trip on that loop (K)
     verify: bool = False         # compare a few decode steps with stock on first use
     strict: bool = False         # raise BraidUnsupportedError instead of leaving the model stock
+    prefill_graphs: bool = True  # generate()'s prompt prefill from CUDA graphs per length bucket (needs graphs)
 
     def __post_init__(self):
         for f in fields(self):

@@ -21,12 +21,14 @@ from .runtime.cache import LEN_ROUND, BraidCache, batch_bucket, round_up
 from .runtime.graphs import GraphKey, GraphRunner
 from .runtime.interface import DecodeStep, StepBuffers
 from .runtime.loop import FastLoop
+from .runtime.prefill import PrefillGraphs
 from .runtime.sampling import SelectConfig
 
 log = logging.getLogger("braid_backend")
 
 _SERIALS = itertools.count(1)
-STAT_KEYS = ("decode_fused", "decode_graph", "stock_forward", "generate_fast", "generate_hf_loop", "generate_stock")
+STAT_KEYS = ("decode_fused", "decode_graph", "prefill_graph", "stock_forward", "generate_fast", "generate_hf_loop",
+             "generate_stock")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Status:
     disabled: str | None = None            # why everything runs stock from now on
     last_path: str | None = None           # which generate() path ran last
     verify_result: dict | None = None
+    prefill_graphs: bool = False           # prompt prefill from CUDA graphs (off: asked so, no graphs, capture failed)
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
 
 
@@ -68,9 +71,12 @@ class PatchSession:
         self._model = weakref.ref(model)
         self.step, self.report, self.options = step, report, options
         self.lock = threading.RLock()
-        self.status = Status(graphs=options.graphs and step.device.type == "cuda", verified=not options.verify)
+        graphs = options.graphs and step.device.type == "cuda"
+        self.status = Status(graphs=graphs, verified=not options.verify,
+                             prefill_graphs=graphs and options.prefill_graphs)
         self.cache: BraidCache | None = None           # the cache generate() reuses from call to call
         self.graphs: GraphRunner | None = None         # created on first use, on CUDA
+        self.prefill: PrefillGraphs | None = None      # prefill graphs (runtime/prefill.py), in the runner's pool
         self.loops: dict[GraphKey, FastLoop] = {}
         self._eager: dict[tuple[int, int], StepBuffers] = {}
         self.eager_only = False                        # verification compares the kernels, not graph capture
@@ -142,8 +148,41 @@ class PatchSession:
             except Exception as e:  # pragma: no cover - GPU only
                 log.warning("braid: after the failed capture: %s", e)
 
+    def prefill_graphs_active(self) -> bool:
+        return self.status.prefill_graphs and self.graphs_active()
+
+    def prefill_graphs(self) -> PrefillGraphs:
+        if self.prefill is None:
+            ref = weakref.ref(self)
+
+            def failed(exc):
+                s = ref()
+                if s is not None:
+                    s._prefill_capture_failed(exc)
+
+            self.prefill = PrefillGraphs(on_failure=failed)
+        return self.prefill
+
+    def _prefill_capture_failed(self, exc: BaseException) -> None:
+        # decode graphs stay: they were captured (and checked) on their own
+        self.status.prefill_graphs = False
+        self.warn_once("prefill-graphs", f"braid: prefill graph capture failed ({type(exc).__name__}: {exc}); "
+                                         "prompts prefill eagerly from now on")
+        if self.prefill is not None:
+            self.prefill.release()
+            self.prefill = None
+        if self.step.device.type == "cuda":
+            try:  # as for decode graphs: surface pending work or a poisoned stream here, not later
+                torch.cuda.synchronize(self.step.device)
+                torch.cuda.empty_cache()
+            except Exception as e:  # pragma: no cover - GPU only
+                log.warning("braid: after the failed prefill capture: %s", e)
+
     def _drop_graphs(self) -> None:
         self.loops.clear()
+        if self.prefill is not None:   # its graphs live in the runner's pool: they go together
+            self.prefill.release()
+            self.prefill = None
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
@@ -160,6 +199,8 @@ class PatchSession:
         """Drop graphs and loops captured on a cache that is gone."""
         if self.graphs is not None:
             self.graphs.forget(serial)
+        if self.prefill is not None:
+            self.prefill.forget(serial)
         for k in [k for k in self.loops if k.cache_serial == serial]:
             del self.loops[k]
 

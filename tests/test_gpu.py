@@ -122,3 +122,109 @@ def test_decode_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(b.logits.float()).all()
+
+
+def _tf_after_graph_prefill(model, st, ids, cont):
+    """Teacher-forced logits (1 + steps, B, V) in fp32: the prompt prefilled by a prefill-graph replay
+    (fails if it did not replay), then one fused decode step per continuation token on that cache."""
+    from braid_backend.hf.compat import cache_kwarg_name
+    from braid_backend.hf.generate import graph_prefill
+
+    B, T = ids.shape
+    key = cache_kwarg_name(model)
+    cache = st.shared_cache(B, T + cont.shape[1] + 1)   # the cache generate() used (it fits): same graph key
+    before = st.status.stats["prefill_graph"]
+    last = graph_prefill(st, model, cache, ids, None, key)
+    assert last is not None and st.status.stats["prefill_graph"] == before + 1, "the prefill did not replay"
+    out = [last.float()]
+    for i in range(cont.shape[1]):
+        mask = torch.ones(B, T + i + 1, dtype=torch.long, device=ids.device)
+        pos = torch.full((B, 1), T + i, device=ids.device)
+        o = model(input_ids=cont[:, i:i + 1], attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
+        out.append(o.logits[:, -1].float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_prefill_graph_matches_eager_prefill():
+    """generate(max_new_tokens=1) three times at one prompt length: the 1st prefills eagerly, the 2nd
+    captures the bucket's graph and replays it, the 3rd replays. The replayed prefill's logits and the
+    fused decode steps after it are within 2x of stock's error against fp32; the replay makes no host
+    sync; a long greedy generate after a graph prefill follows the eager-prefill one (up to near-ties)."""
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=4)
+    V, T = model.config.vocab_size, 100
+    ids, cont = random_tokens(V, 1, T, 41, "cuda"), random_tokens(V, 1, STEPS, 42, "cuda")
+    ref = fp32_reference_logits(model, ids, cont)
+    stock = teacher_forced_logits(model, ids, cont)
+    stock_err0, stock_err = rel_err(stock[0], ref[0]), rel_err(stock, ref)
+    tie = 2 * (stock[0] - ref[0]).abs().max().item()    # logits closer than this are a bf16 coin toss
+    braid_backend.patch(model)
+    st = model._braid_session
+    firsts = []
+    for i in range(3):
+        out = _gen(model, ids, max_new_tokens=1)
+        assert st.status.last_path == "fast" and st.status.stats["prefill_graph"] == i, (i, st.status)
+        firsts.append(int(out[0, -1]))
+    assert st.prefill.captures == 1 and st.status.prefill_graphs
+    assert firsts[1] == firsts[2], "two replays of one graph differ"
+    assert firsts[0] == firsts[1] or abs(ref[0, 0, firsts[0]] - ref[0, 0, firsts[1]]).item() <= tie, firsts
+    graph_tf = _tf_after_graph_prefill(model, st, ids, cont)
+    eager_tf = teacher_forced_logits(model, ids, cont)   # patched: eager prefill (fresh cache) + fused steps
+    g0, e0, g = rel_err(graph_tf[0], ref[0]), rel_err(eager_tf[0], ref[0]), rel_err(graph_tf, ref)
+    _record(dict(test="prefill_graph", stock_err0=stock_err0, graph_err0=g0, eager_err0=e0, stock_err=stock_err,
+                 graph_err=g, eager_err=rel_err(eager_tf, ref)))
+    assert g0 <= 2 * stock_err0 and e0 <= 2 * stock_err0 and g <= 2 * stock_err, (g0, e0, g, stock_err0, stock_err)
+    # the replay path (input copy, replay, clone, cache bookkeeping) must not sync with the host
+    from braid_backend.hf.compat import cache_kwarg_name
+    from braid_backend.hf.generate import graph_prefill
+    cache = st.shared_cache(1, T + 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        last = graph_prefill(st, model, cache, ids, None, cache_kwarg_name(model))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert last is not None and cache.seen == T
+    # full greedy generates: after a graph prefill vs after an eager one (re-patched without prefill graphs)
+    n = st.status.stats["prefill_graph"]
+    seq_graph = _gen(model, ids, max_new_tokens=48, min_new_tokens=48)
+    assert st.status.stats["prefill_graph"] == n + 1
+    braid_backend.patch(model, prefill_graphs=False)
+    seq_eager = _gen(model, ids, max_new_tokens=48, min_new_tokens=48)
+    assert braid_backend.status(model).stats["prefill_graph"] == 0
+    if not torch.equal(seq_graph, seq_eager):
+        # allowed only where the two picks were a near-tie for the eager run's own logits
+        j = int((seq_graph[0] != seq_eager[0]).nonzero()[0])
+        tf = teacher_forced_logits(model, ids, seq_eager[:, T:j])[j - T, 0]
+        gap = abs(tf[seq_graph[0, j]] - tf[seq_eager[0, j]]).item()
+        assert gap <= tie, (j, gap, tie)
+
+
+@torch.no_grad()
+def test_prefill_graph_capture_failure_falls_back(monkeypatch):
+    """A prefill forward that syncs with the host (fine eagerly, an error inside a capture): one warning,
+    prefill graphs off for the session, decode graphs still on, every answer equal to the eager one."""
+    import braid_backend.hf.generate as hfgen
+
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=5)
+    ids = random_tokens(model.config.vocab_size, 1, 70, 43, "cuda")
+    braid_backend.patch(model, prefill_graphs=False)
+    want = _gen(model, ids, max_new_tokens=16, min_new_tokens=16)
+    braid_backend.patch(model)
+    orig = hfgen.prefill_forward
+
+    def syncing(model, cache, key):
+        f = orig(model, cache, key)
+
+        def forward(ids, pos, keep):
+            keep.item()
+            return f(ids, pos, keep)
+        return forward
+
+    monkeypatch.setattr(hfgen, "prefill_forward", syncing)
+    outs = [_gen(model, ids, max_new_tokens=16, min_new_tokens=16) for _ in range(3)]
+    st = braid_backend.status(model)
+    assert st.prefill_graphs is False and st.graphs and st.stats["prefill_graph"] == 0, st
+    assert any("prefill graph capture failed" in e for e in model._braid_session.report.events)
+    for o in outs:
+        assert torch.equal(o, want)

@@ -1,6 +1,7 @@
 """The patched model.generate: route each call to the fastest path that reproduces HF's behaviour.
 
-1. fast path: HF's generate() with our decoding method (`custom_generate=`): prefill, then the K-step
+1. fast path: HF's generate() with our decoding method (`custom_generate=`): prefill (from a CUDA graph
+   per prompt-length bucket from the bucket's second use on: runtime/prefill.py), then the K-step
    device loop (runtime/loop.py) from CUDA graphs with device-side token selection; only for the
    settings hf/select.py recognises. HF keeps input validation, generation-config defaults, mask
    inference, num_return_sequences expansion and the prompt's streamer.put.
@@ -19,8 +20,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..runtime.cache import batch_bucket
 from ..runtime.graphs import GraphCaptureFailed
 from ..runtime.loop import decode_tokens
+from ..runtime.prefill import prefill_bucket
 from ..session import PatchSession
-from .compat import cache_kwarg_name, stock_generate
+from .compat import cache_kwarg_name, stock_forward, stock_generate
 from .forward import maybe_verify
 from .select import max_length_of, select_config
 
@@ -133,7 +135,12 @@ def braid_generate(s: PatchSession, model, *args, **kwargs):
     with s.lock:
         # K spare positions: a K-step graph may run past the last needed token, and its capture warms
         # up on the cache's last K slots
-        cache = s.shared_cache(B, T + new + K + 1)
+        need = T + new + K + 1
+        if s.prefill_graphs_active() and T > 0:
+            # room for the padded prompt of a prefill graph, so that a short generation never grows the
+            # cache (a re-allocation re-captures every graph) or misses the graph for want of slots
+            need = max(need, prefill_bucket(T))
+        cache = s.shared_cache(B, need)
         kwargs[cache_kwarg_name(model)] = cache
         if kwargs.get("custom_generate") is None:
             kwargs["custom_generate"] = _decoding_method(s, cache)
@@ -203,15 +210,66 @@ def fast_decode(s: PatchSession, model, input_ids, logits_processor, stopping_cr
     seq = input_ids
     if new > 0:
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        # prefill: stock HF modules writing the braid cache, last position's logits only
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                    **{key: cache})
+        last = graph_prefill(s, model, cache, input_ids, mask, key)
+        if last is None:
+            # prefill: stock HF modules writing the braid cache, last position's logits only
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **{key: cache})
+            last = out.logits[:, -1]
         s.step.prepare(cache.max_len)
         loop = s.fast_loop(cache, min(batch_bucket(B), cache.batch_capacity), s.options.graph_steps, sel_cfg)
-        tokens = decode_tokens(loop, cache, input_ids, out.logits[:, -1], pos[:, -1] + 1, new, streamer)
+        tokens = decode_tokens(loop, cache, input_ids, last, pos[:, -1] + 1, new, streamer)
         seq = torch.cat([input_ids, tokens], dim=1)
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=seq, **{key: cache})
     return seq
+
+
+def prefill_graph_reason(s: PatchSession, cache, input_ids, mask) -> str | None:
+    """Why this prompt's prefill cannot replay a graph (runtime/prefill.py), or None."""
+    if not s.prefill_graphs_active():
+        return "prefill graphs off"
+    if getattr(s.step, "tp", None) is not None:
+        # every rank would have to capture and replay in step with the others' collectives
+        return "tensor parallel"
+    if not s.owns(cache):
+        return "no braid cache"
+    why = s.prefill_graphs().reason(cache, *input_ids.shape)
+    if why is not None:
+        return why
+    # the graph's positions are 0..Tb-1 with no mask: left padding needs the eager prefill. One host
+    # sync, after the checks that cost nothing
+    if mask is not None and not bool(mask.all()):
+        return "attention mask has padding"
+    if input_ids.device.type != "cuda":   # cannot happen with graphs on (inputs sit on the model's device)
+        return f"inputs on {input_ids.device.type}"
+    return None
+
+
+def prefill_forward(model, cache, key: str):
+    """forward(ids, pos, keep) -> (B, 1, V) logits: the stock forward writing the braid cache. Made per
+    call (stored, it would hold the model). attention_mask=None: HF then uses SDPA's is_causal or builds
+    the causal / sliding-window mask on the device, never reading a mask on the host (which a capture
+    forbids); logits_to_keep as a 1-element device index keeps the last real position of any T."""
+    fwd = stock_forward(model)
+
+    def forward(ids, pos, keep):
+        return fwd(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=True, logits_to_keep=keep,
+                   **{key: cache}).logits
+
+    return forward
+
+
+def graph_prefill(s: PatchSession, model, cache, input_ids, mask, key: str):
+    """The prompt's (B, V) last-position logits from a prefill graph, the cache filled; None: the caller
+    runs the eager prefill (not eligible, first use of the length bucket, or the capture failed)."""
+    why = prefill_graph_reason(s, cache, input_ids, mask)
+    if why is not None:
+        return None
+    pool = s.graph_runner().pool
+    logits = s.prefill_graphs().run(cache, input_ids, prefill_forward(model, cache, key), pool)
+    if logits is not None:
+        s.status.stats["prefill_graph"] += 1
+    return logits
