@@ -21,6 +21,11 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+try:   # imported by the binder of a first launch; with TRITON_INTERPRET=0 then (fake_gpu) the import
+    import triton.experimental.gluon  # noqa: E402,F401   asserts (Triton 3.9): import it now, as a
+except ImportError:                   # first interpreted launch would, so any test runs alone too
+    pass
+
 from braid_backend.kernels import _common  # noqa: E402
 from braid_backend.kernels._common import dry_launches, launch  # noqa: E402
 from braid_backend.runtime import graphs, precompile as pc  # noqa: E402
@@ -161,13 +166,21 @@ def test_dry_run_records_variants_and_workers_fill_the_cache_the_launch_path_rea
     # compiled in memory now: a second dry run finds nothing to do and forks nothing
     s2 = pc.precompile(body)
     assert (s2["found"], s2["compiled"], s2["workers"], s2["failed"]) == (0, 0, 0, [])
-    # a new process (here: a new JITFunction of the same source) with the cache kept: found on disk,
-    # nothing forked, nothing written
+    # a new process (here: a new JITFunction of the same source) with the cache kept: the marker the
+    # first precompile wrote says all is on disk: nothing checked, forked or written
     k = _jitted()
     now = _files(fake_gpu)
     s3 = pc.precompile(body)
-    assert (s3["found"], s3["on_disk"], s3["compiled"], s3["workers"]) == (2, 2, 0, 0), s3
-    assert _files(fake_gpu) == now and "2 already in" in pc.describe(s3)
+    assert (s3["found"], s3["on_disk"], s3["compiled"], s3["workers"], s3["marker"]) == (2, 2, 0, 0, True), s3
+    assert _files(fake_gpu) == now and "all 2 variants known on disk (marker)" in pc.describe(s3)
+    # without the marker: the disk check finds both, forks nothing, and writes the marker again
+    markers = {f for f in now if pc.MARKER_DIR in f}
+    assert len(markers) == 1
+    os.remove(markers.pop())
+    k = _jitted()
+    s4 = pc.precompile(body)
+    assert (s4["found"], s4["on_disk"], s4["compiled"], s4["workers"], s4["marker"]) == (2, 2, 0, 0, False), s4
+    assert _files(fake_gpu) == now and "2 already in" in pc.describe(s4)
 
 
 def _spec(k) -> pc.KernelSpec:
@@ -202,6 +215,109 @@ def test_hand_built_spec_compiles_in_a_worker_and_again_is_a_cache_hit(fake_gpu)
     k.warmup(*_args(), grid=(1,), BLOCK=64, SCALE=3.0)
     assert _files(fake_gpu) == filled
     assert _spec(_jitted()).ident() == spec.ident()
+
+
+# ------------------------------------------------------------------------------------------- marker
+
+_KERNEL_SRC = """
+import triton.language as tl
+
+
+def scale_add(x, y, out, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(out + i, tl.load(x + i, mask=m) * {factor} + tl.load(y + i, mask=m), mask=m)
+"""
+
+
+def _kernel_from_source(tmp_path, factor):
+    """A fresh JITFunction of module `braid_marker_kernel`, function `scale_add`, whose source differs
+    only by `factor`: what an edited kernel is in the next process (same name, module, signature)."""
+    import importlib.util
+
+    path = tmp_path / f"kernel_{factor}" / "braid_marker_kernel.py"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(_KERNEL_SRC.format(factor=factor))
+    spec = importlib.util.spec_from_file_location("braid_marker_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return JITFunction(mod.scale_add)
+
+
+def test_marker_skips_the_check_and_the_workers_and_misses_on_a_changed_source_or_specialisation(
+        fake_gpu, tmp_path, monkeypatch):
+    def body_of(k, n=64):
+        return lambda: launch(k, (1,))(*_args(n), BLOCK=64)
+
+    s1 = pc.precompile(body_of(_kernel_from_source(tmp_path, 2.0)), workers=1)
+    assert (s1["found"], s1["compiled"], s1["marker"], s1["failed"]) == (1, 1, False, []), s1
+    assert len(list((fake_gpu / pc.MARKER_DIR).iterdir())) == 1
+
+    checked, forked = [], []
+    real_check, real_parallel = pc.cached_on_disk, pc.compile_parallel
+    monkeypatch.setattr(pc, "cached_on_disk", lambda spec: checked.append(spec.name) or real_check(spec))
+    monkeypatch.setattr(pc, "compile_parallel", lambda *a, **kw: forked.append(1) or real_parallel(*a, **kw))
+
+    # the next process (a new JITFunction of the same source): marker hit, no hashing, no fork
+    s2 = pc.precompile(body_of(_kernel_from_source(tmp_path, 2.0)))
+    assert (s2["found"], s2["on_disk"], s2["marker"]) == (1, 1, True) and not checked and not forked, s2
+
+    # the kernel's source changed (same module, name, signature): the marker misses, the variant compiles
+    s3 = pc.precompile(body_of(_kernel_from_source(tmp_path, 3.0)), workers=1)
+    assert (s3["marker"], s3["compiled"], s3["failed"]) == (False, 1, []), s3
+    assert checked and forked
+
+    # another specialisation of the first source (n = 63: not divisible by 16): misses too
+    checked.clear(), forked.clear()
+    s4 = pc.precompile(body_of(_kernel_from_source(tmp_path, 2.0), n=63), workers=1)
+    assert (s4["marker"], s4["compiled"], s4["failed"]) == (False, 1, []), s4
+    assert checked and forked
+    # ... and both new sets have their own marker now
+    checked.clear(), forked.clear()
+    for k, n in ((_kernel_from_source(tmp_path, 3.0), 64), (_kernel_from_source(tmp_path, 2.0), 63)):
+        assert pc.precompile(body_of(k, n))["marker"]
+    assert not checked and not forked and len(list((fake_gpu / pc.MARKER_DIR).iterdir())) == 3
+
+
+def test_no_marker_for_a_set_with_a_failed_variant(fake_gpu, monkeypatch):
+    monkeypatch.setattr(pc, "compile_spec", _raise)
+    body = lambda: launch(_jitted(), (1,))(*_args(), BLOCK=64, SCALE=2.0)   # noqa: E731
+    assert pc.precompile(body)["failed"]
+    assert not (fake_gpu / pc.MARKER_DIR).exists()
+
+
+# ------------------------------------------------------------------ launchers (Triton 3.6 builds one)
+
+def compile_module_from_src(src, name):
+    """Stands in for Triton 3.6's builder (build_launcher looks for this name in the launcher's
+    constructor): writes the 'module' into the cache with the pid that built it."""
+    import hashlib
+
+    from triton.runtime.cache import get_cache_manager
+    get_cache_manager(hashlib.sha256(src.encode()).hexdigest()).put(str(os.getpid()), f"{name}.so")
+
+
+class _BuildingLauncher:
+    def __init__(self, src, metadata):
+        compile_module_from_src(f"{src.name}{sorted(src.signature.items())}", "__triton_launcher")
+
+
+class _GenericLauncher:   # Triton 3.7+: nothing to build
+    def __init__(self, src, metadata):
+        raise AssertionError("constructed although it builds nothing")
+
+
+@pytest.mark.parametrize("cls, want", [(_BuildingLauncher, 1), (_GenericLauncher, 0)])
+def test_workers_build_the_launcher_where_triton_builds_one(fake_gpu, monkeypatch, cls, want):
+    from triton.runtime.driver import driver
+
+    monkeypatch.setattr(type(driver._active), "launcher_cls", cls, raising=False)
+    s = pc.precompile(lambda: launch(_jitted(), (1,))(*_args(), BLOCK=64, SCALE=2.0), workers=1)
+    assert (s["compiled"], s["launchers"], s["failed"]) == (1, want, []), s
+    so = [p for p in fake_gpu.rglob("__triton_launcher.so")]
+    assert len(so) == want
+    if want:   # built in the worker, not here
+        assert so[0].read_text() != str(os.getpid()) and "1 launchers built" in pc.describe(s)
 
 
 def _raise(spec):

@@ -50,6 +50,7 @@ class KernelSpec:
     attrs: dict             # arg path (tuple) -> [["tt.divisibility", 16], ...]
     target: object          # triton.backends.compiler.GPUTarget
     options: dict           # the backend's parsed options, as a dict (options.__dict__)
+    key: str = ""           # the jit_cache_hook's specialisation key (str(specialisation) + str(launch options))
 
     @property
     def name(self) -> str:
@@ -64,13 +65,47 @@ class KernelSpec:
                            repr(self.target), self.options], sort_keys=True, default=repr)
 
 
-def compile_spec(spec: KernelSpec) -> None:
-    """Compile one variant into Triton's on-disk cache (a cache hit if it is there). No CUDA call: the
-    target is given, and the compiled kernel is not loaded onto a device (that happens at first launch)."""
+def compile_spec(spec: KernelSpec) -> str:
+    """Compile one variant into Triton's on-disk cache (a cache hit if it is there), then its launcher
+    where this Triton builds one per kernel (see build_launcher). No CUDA call: the target is given, and
+    the compiled kernel is not loaded onto a device (that happens at first launch). Returns what
+    build_launcher returns."""
     from triton.compiler import ASTSource, compile as triton_compile
 
     src = ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs)
-    triton_compile(src, target=spec.target, options=dict(spec.options))
+    kernel = triton_compile(src, target=spec.target, options=dict(spec.options))
+    return build_launcher(kernel)
+
+
+def _launcher_builds_a_module(cls) -> bool:
+    """Whether this driver's launcher class compiles a C module in its constructor (Triton <= 3.6:
+    CudaLauncher.__init__ calls compile_module_from_src; 3.7+ use one generic launcher, nothing to build)."""
+    code = getattr(getattr(cls, "__init__", None), "__code__", None)
+    return code is not None and "compile_module_from_src" in code.co_names
+
+
+def build_launcher(kernel) -> str:
+    """Triton 3.6 builds a C launcher per kernel signature (`__triton_launcher.so`, gcc, ~0.3 s) when a
+    compiled kernel is first loaded, in the launching process, one after another, and keeps it in the
+    on-disk cache under a hash of its source. That is what the H100 run found written after the
+    precompile (6 files = 6 distinct signatures of the 11 variants: a variant writes 8 files). Built here,
+    in the worker, by the driver's own launcher class on the compiled kernel (what
+    CompiledKernel._init_handles does, without the device part), the parent's first load finds it on
+    disk. Returns "built", "" (this Triton has nothing to build, or the driver says nothing) or an error
+    message; an error costs only time (the parent builds it at first load, as before)."""
+    try:
+        from triton.runtime.driver import driver
+
+        cls = driver.active.launcher_cls
+    except Exception:
+        return ""
+    if not _launcher_builds_a_module(cls):
+        return ""
+    try:
+        cls(kernel.src, kernel.metadata)
+        return "built"
+    except Exception as e:
+        return f"launcher not built ({type(e).__name__}: {e})"[:300]
 
 
 def cached_on_disk(spec: KernelSpec) -> bool:
@@ -104,7 +139,7 @@ def _jit_runtime_knobs():
     return rt if rt is not None and hasattr(rt, "jit_cache_hook") else None
 
 
-def spec_from_hook(jit_fn, info: dict) -> KernelSpec:
+def spec_from_hook(jit_fn, info: dict, key=None) -> KernelSpec:
     """The KernelSpec of a jit_cache_hook call (`fn.jit_function`, `compile=info`).
 
     Options: the hook gets them only serialised (specialization_data), so they are parsed back the way
@@ -120,7 +155,7 @@ def spec_from_hook(jit_fn, info: dict) -> KernelSpec:
                                                                              default=repr):
         raise RuntimeError("options do not survive parse_options unchanged")
     return KernelSpec(jit_fn, dict(info["signature"]), dict(info["constants"]), dict(info["configs"][0]),
-                      target, dict(parsed.__dict__))
+                      target, dict(parsed.__dict__), "" if key is None else str(key))
 
 
 class Recorder:
@@ -138,7 +173,7 @@ class Recorder:
         if threading.get_ident() != self.thread:
             return self.previous(fn=fn, compile=compile, **kw) if self.previous is not None else None
         try:
-            self.specs.append(spec_from_hook(fn.jit_function, compile))
+            self.specs.append(spec_from_hook(fn.jit_function, compile, kw.get("key")))
         except Exception as e:   # this variant compiles at its real launch instead
             self.errors.append(f"{getattr(fn, 'name', fn)}: not recorded ({type(e).__name__}: {e})")
         return True
@@ -160,22 +195,25 @@ def record(body: Callable[[], object]) -> Recorder:
 
 
 def _worker(jobs: list, conn, compile_fn) -> None:
-    """In a forked child: compile each (index, spec), reporting (index, error or None, seconds)."""
+    """In a forked child: compile each (index, spec), reporting (index, error or None, seconds, what
+    compile_fn returned: build_launcher's answer for compile_spec)."""
     for i, spec in jobs:
         t0 = time.perf_counter()
+        note = None
         try:
-            compile_fn(spec)
+            note = compile_fn(spec)
             err = None
         except BaseException as e:   # reported, never raised: the parent decides
             err = f"{type(e).__name__}: {e}"[:500]
-        conn.send((i, err, time.perf_counter() - t0))
+        conn.send((i, err, time.perf_counter() - t0, note if isinstance(note, str) else ""))
     conn.close()
 
 
 def compile_parallel(specs: list[KernelSpec], workers: int, timeout: float = DEFAULT_TIMEOUT_S,
                      compile_fn: Callable[[KernelSpec], None] | None = None) -> dict:
     """Compile specs in `workers` forked processes (round-robin). Returns {"compiled": n, "failed":
-    [messages], "worker_s": [seconds per spec that compiled]}. Workers still running after `timeout`
+    [messages], "worker_s": [seconds per spec that compiled], "launchers": n built (build_launcher),
+    "launcher_errors": [messages]}. Workers still running after `timeout`
     seconds are killed and their unfinished specs reported as failed; nothing raises or hangs.
     compile_fn: compile_spec by default (looked up at call time)."""
     compile_fn = compile_fn or compile_spec
@@ -202,8 +240,8 @@ def compile_parallel(specs: list[KernelSpec], workers: int, timeout: float = DEF
             break
         for r in mp.connection.wait(list(conns), timeout=left):
             try:
-                i, err, dt = r.recv()
-                done[i] = (err, dt)
+                i, err, dt, note = r.recv()
+                done[i] = (err, dt, note)
             except (EOFError, OSError):   # the worker exited (all sent) or died
                 del conns[r]
                 r.close()
@@ -222,8 +260,11 @@ def compile_parallel(specs: list[KernelSpec], workers: int, timeout: float = DEF
                                            else f"worker exited ({procs[w].exitcode}) before reporting it"))
         elif done[i][0] is not None:
             failed.append(f"{s.name}: {done[i][0]}")
-    return {"compiled": sum(1 for e, _ in done.values() if e is None), "failed": failed,
-            "worker_s": [dt for e, dt in done.values() if e is None]}
+    notes = [n for _, _, n in done.values()]
+    return {"compiled": sum(1 for e, _, _ in done.values() if e is None), "failed": failed,
+            "worker_s": [dt for e, dt, _ in done.values() if e is None],
+            "launchers": sum(1 for n in notes if n == "built"),
+            "launcher_errors": [n for n in notes if n and n != "built"]}
 
 
 def unavailable_reason() -> str:
@@ -239,19 +280,83 @@ def unavailable_reason() -> str:
     return ""
 
 
+MARKER_DIR = "braid-precompile"   # under Triton's cache dir: one empty-ish file per recorded set
+
+
+def marker_path(specs: list[KernelSpec]) -> str | None:
+    """Where the marker of this recorded set lives, or None (no marker: Triton's cache is not its plain
+    file cache, always_compile is on, or anything fails).
+
+    The name hashes what is cheap in this process: Triton's version, the cache-invalidating env vars,
+    and per variant the kernel's `cache_key` (Triton's hash of its source and dependencies, which the
+    real launch needs anyway and keeps on the JITFunction), the hook's specialisation key and
+    everything ident() holds (signature, constexprs, attributes, parsed options, target). Not in it:
+    Triton's own source/library hash (`triton_key`, ~0.4-0.9 s to compute, which is what a disk check
+    costs; the version stands in for it) and ptxas's version.
+
+    Wrong in either direction, it costs only time, never correctness: a marker that exists although a
+    variant is gone from the cache (files deleted, Triton rebuilt under the same version) skips the
+    workers, and the first real launch compiles that variant itself, as without precompile; a marker
+    that is missing although everything is on disk sends the set through the normal check (found on
+    disk, nothing forked) and writes it. What a launch loads is decided by Triton's own cache key
+    either way, never by the marker."""
+    try:
+        from triton import __version__, knobs
+        from triton.compiler import compiler as cc
+
+        if knobs.cache.manager_class is not None or knobs.compilation.always_compile:
+            return None
+        d = knobs.cache.dir
+        if not d:
+            return None
+        parts = sorted(json.dumps([str(s.fn.cache_key), s.key, s.ident()]) for s in specs)
+        env = sorted((str(k), str(v)) for k, v in (cc.get_cache_invalidating_env_vars() or {}).items())
+        h = hashlib.sha256(json.dumps([__version__, env, parts]).encode("utf-8")).hexdigest()
+        return os.path.join(d, MARKER_DIR, f"{h[:40]}.json")
+    except Exception:
+        return None
+
+
+def write_marker(path: str | None, specs: list[KernelSpec]) -> None:
+    """Write the marker atomically (its content, the variants' names, is only for a person looking)."""
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(sorted(s.name for s in specs), f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# The parent checks the on-disk cache before forking (cached_on_disk) instead of sending every recorded
+# variant to the workers and letting each worker's triton.compile find its own hit. Measured on the CPU
+# (Triton 3.6, fake driver): the check's cost is almost all Triton's `triton_key` (hashes its own
+# sources and libtriton.so: 0.4-0.9 s, once per process, lru-cached); after it a variant costs ~0.5 ms.
+# The parent needs triton_key anyway for its own first launches (every launch of an uncompiled variant
+# goes through triton.compile's cache key, a disk hit included), and computed before the fork it is
+# inherited by every worker; without the check each worker computes it again (in parallel, but on the
+# critical path of each) and, with a warm cache, N processes are forked for nothing. So the check stays;
+# the marker skips it (and the fork) when the whole set is known to be on disk.
+
+
 def precompile(body: Callable[[], object], workers: int | None = None,
                timeout: float = DEFAULT_TIMEOUT_S) -> dict:
     """Dry-run body() to find the kernel variants it would compile, compile them in parallel into the
     on-disk cache, and return a summary: {"found" (variants not compiled in this process yet),
     "on_disk" (of those, already in the on-disk cache: not compiled again), "compiled", "failed"
-    (messages), "workers", "seconds", "skipped" (why nothing was done, else "")}. Never raises for a
-    failure of its own.
+    (messages), "workers", "launchers" (built in the workers, Triton 3.6), "marker" (True: the set was
+    known to be on disk from an earlier process's marker: no check, no workers), "seconds", "skipped"
+    (why nothing was done, else "")}. Never raises for a failure of its own.
 
     body() runs its torch ops for real but no Triton kernel: whatever a kernel would have written keeps
     its old contents, so body() must not index memory with values only a kernel writes (runtime/graphs.py
     says why its bodies are safe)."""
     t0 = time.perf_counter()
-    out = {"found": 0, "on_disk": 0, "compiled": 0, "failed": [], "workers": 0, "seconds": 0.0, "skipped": ""}
+    out = {"found": 0, "on_disk": 0, "compiled": 0, "failed": [], "workers": 0, "launchers": 0,
+           "marker": False, "seconds": 0.0, "skipped": ""}
 
     def done(**kw):
         out.update(kw, seconds=round(time.perf_counter() - t0, 3))
@@ -266,8 +371,14 @@ def precompile(body: Callable[[], object], workers: int | None = None,
     except Exception as e:
         return done(skipped=f"dry run failed ({type(e).__name__}: {e})")
     uniq = list({s.ident(): s for s in rec.specs}.values())
+    if not uniq:
+        return done(failed=rec.errors)
+    marker = marker_path(uniq)
+    if marker is not None and os.path.exists(marker):
+        return done(found=len(uniq), on_disk=len(uniq), marker=True, failed=rec.errors)
     todo = [s for s in uniq if not cached_on_disk(s)]   # a warm cache: nothing to fork for
     if not todo:
+        write_marker(marker, uniq)
         return done(found=len(uniq), on_disk=len(uniq), failed=rec.errors)
     n = workers or min(len(todo), os.cpu_count() or 1, MAX_WORKERS)
     try:
@@ -275,16 +386,24 @@ def precompile(body: Callable[[], object], workers: int | None = None,
     except Exception as e:   # e.g. fork refused (out of memory, process limit)
         return done(found=len(uniq), on_disk=len(uniq) - len(todo), failed=rec.errors,
                     skipped=f"workers failed ({type(e).__name__}: {e})")
+    if not res["failed"]:   # every variant on disk now (launcher errors do not matter here)
+        write_marker(marker, uniq)
     return done(found=len(uniq), on_disk=len(uniq) - len(todo), compiled=res["compiled"],
-                failed=rec.errors + res["failed"], workers=min(n, len(todo)))
+                failed=rec.errors + res["failed"] + res["launcher_errors"], workers=min(n, len(todo)),
+                launchers=res["launchers"])
 
 
 def describe(s: dict) -> str:
     """One line for the log."""
     if s.get("skipped"):
         return f"precompile skipped: {s['skipped']}"
+    if s.get("marker"):
+        line = f"precompile: all {s['found']} variants known on disk (marker) in {s['seconds']:.2f}s"
+        return line + (f"; {len(s['failed'])} not recorded, first: {s['failed'][0]}" if s["failed"] else "")
     line = (f"precompile: {s['found']} kernel variants to compile, {s['on_disk']} already in the on-disk "
             f"cache, {s['compiled']} compiled in {s['seconds']:.2f}s ({s['workers']} processes)")
+    if s.get("launchers"):
+        line += f", {s['launchers']} launchers built"
     if s["failed"]:
         line += f"; {len(s['failed'])} failed, first: {s['failed'][0]}"
     return line
