@@ -88,3 +88,35 @@ def test_rmsnorm_out_is_residual_rejected():
     r = torch.randn(2, 32, device=DEV)
     with pytest.raises(ValueError):
         rmsnorm(x, torch.ones(32, device=DEV), residual=r, out=r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M,K,mode,offset", [(1, 96, 1, 1.0), (3, 123, 0, 0.0), (5, 4200, 1, 1.0)])
+@pytest.mark.parametrize("into", ["poison", "add_to"])
+def test_rmsnorm_add_to(M, K, mode, offset, dtype, into, monkeypatch):
+    """Post-norm + residual add in one kernel (Gemma-2/3): out = rnd(add_to + rnd(norm(x))), into a
+    poisoned buffer or in place into add_to (the residual stream); K=4200 takes the chunked loop."""
+    monkeypatch.setattr(rms_mod, "MAX_BLOCK_K", 1024)
+    g = torch.Generator().manual_seed(M * 7 + K)
+    x = (torch.randn(M, K, generator=g) * 3).to(dtype).to(DEV)
+    w = (torch.randn(K, generator=g) * 0.5).to(dtype).to(DEV)
+    acc = (torch.randn(M, K, generator=g) * 3).to(dtype).to(DEV)
+    kw = dict(eps=1e-6, norm_mode=mode, norm_offset=offset)
+    x0, acc0 = x.clone(), acc.clone()
+    out = acc if into == "add_to" else torch.full_like(x, float("nan"))
+    got = rmsnorm(x, w, add_to=acc, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+    assert torch.equal(x, x0), "x must not be written"
+    if into == "poison":
+        assert torch.equal(acc, acc0), "add_to must not be written unless it is out"
+    ref32 = rmsnorm_reference(x0.float(), w.float(), add_to=acc0.float(), **kw)
+    stock = (acc0.float() + rmsnorm_reference(x0, w, **kw).float()).to(dtype)   # HF's two steps
+    check(got, ref32, stock, dtype, "add_to")
+    if dtype != torch.float32:
+        assert torch.equal(got, stock), "must round exactly like HF's norm then add"
+
+
+def test_rmsnorm_add_to_with_residual_rejected():
+    x = torch.zeros(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        rmsnorm(x, torch.ones(8, device=DEV), residual=x.clone(), add_to=x.clone())

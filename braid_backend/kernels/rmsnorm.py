@@ -8,6 +8,8 @@ Cast points follow Hugging Face exactly; `rmsnorm_reference` is the specificatio
   norm_mode 1 (Gemma, `(x * r * (1 + w.float())).type_as(x)`):
        h = rnd( s_f32 * r * (w_f32 + norm_offset) )
 where rnd = round-to-nearest-even to x.dtype (identity for fp32).
+With `add_to` (post-norms, Gemma-2/3: `residual + post_norm(y)`), out = rnd(add_to_f32 + h_f32), one
+kernel instead of a norm and an add; out may then be add_to itself (the residual stream, updated in place).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ if triton is not None:
         K, stride_xm, stride_rm, stride_om,
         eps, norm_offset,
         HAS_RES: tl.constexpr, NORM_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr, POST_ADD: tl.constexpr = False,
     ):
         pdl_wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -65,17 +67,22 @@ if triton is not None:
                 tl.store(r_row + k, s.to(DT), mask=mk)
             wf = tl.load(w_ptr + k, mask=mk, other=0.0).to(tl.float32) + norm_offset
             h = apply_norm(s, r, wf, NORM_MODE, DT, BF16_FIX)
+            if POST_ADD:   # res_ptr is add_to here; read before out (maybe the same row) is written
+                h = round_to(tl.load(r_row + k, mask=mk, other=0.0).to(tl.float32) + h, DT, BF16_FIX)
             tl.store(o_row + k, h.to(DT), mask=mk)
 
 
 # ---------------------------------------------------------------------------------------- launcher
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
             norm_offset: float = 0.0, residual: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of x (M, K) rows, see the module docstring. With `residual` (M, K), s = x + residual
-    is written back into `residual` (the new residual stream) and s is normalised.
+    is written back into `residual` (the new residual stream) and s is normalised. With `add_to`
+    (M, K) the normalised rows are added to it (out = add_to + norm(x); out may be add_to).
     `out` may be x itself (in place), never `residual`. No host sync, no allocation if `out` given."""
     check_norm_mode(norm_mode)
+    if residual is not None and add_to is not None:
+        raise ValueError("residual (added before the norm) and add_to (after it) cannot be combined")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
     M, K = x.shape
@@ -87,6 +94,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
     if residual is not None:
         if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
             raise ValueError("residual must be (M, K), last dim contiguous, same dtype as x")
+    if add_to is not None:
+        if add_to.shape != x.shape or add_to.stride(1) != 1 or add_to.dtype != x.dtype:
+            raise ValueError("add_to must be (M, K), last dim contiguous, same dtype as x")
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
@@ -98,13 +108,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
         return out
     block_k = min(next_pow2(K), MAX_BLOCK_K)
     num_warps = 4 if block_k <= 1024 else 8
-    res = residual if residual is not None else x  # dummy pointer when HAS_RES is off
+    res = residual if residual is not None else (add_to if add_to is not None else x)  # x: dummy
     launch(_rmsnorm_kernel, (M,))(
         x, res, weight, out,
         K, x.stride(0), res.stride(0), out.stride(0),
         float(eps), float(norm_offset),
         HAS_RES=residual is not None, NORM_MODE=int(norm_mode), BLOCK_K=block_k,
-        BF16_FIX=BF16_RNE_FIX, num_warps=num_warps, **pdl_launch_kwargs(x.device),
+        BF16_FIX=BF16_RNE_FIX, POST_ADD=add_to is not None, num_warps=num_warps,
+        **pdl_launch_kwargs(x.device),
     )
     return out
 
@@ -112,12 +123,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
 # --------------------------------------------------------------------------------------- reference
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
                       norm_offset: float = 0.0, residual: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch specification of `rmsnorm` (same in-place effects on `residual` / `out`)."""
     s = x
     if residual is not None:
         s = (x.float() + residual.float()).to(x.dtype)
     h = norm_reference(s, weight, eps, norm_mode, norm_offset)
+    if add_to is not None:   # HF: residual + post_norm(y), in the dtype
+        h = (add_to.float() + h.float()).to(x.dtype)
     if residual is not None:
         residual.copy_(s)
     if out is not None:

@@ -266,7 +266,11 @@ class DecodeStep:
                 tp.reduce_into(b.part, b.tmp)
                 if bias is not None:
                     b.tmp.add_(bias)
-        if post_norm is not None:   # HF: residual + post_norm(y)
+        if post_norm is not None and p.residual_mult is None:   # HF: residual + post_norm(y), one kernel
+            rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
+                    norm_offset=p.spec.norm_offset, add_to=b.x, out=b.x)
+            return
+        if post_norm is not None:
             rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
                     norm_offset=p.spec.norm_offset, out=b.tmp)
         if p.residual_mult is not None:   # HF: residual + y * m (two roundings, as here)
