@@ -76,7 +76,7 @@ class PatchSession:
                              prefill_graphs=graphs and options.prefill_graphs)
         self.cache: BraidCache | None = None           # the cache generate() reuses from call to call
         self.graphs: GraphRunner | None = None         # created on first use, on CUDA
-        self.prefill: PrefillGraphs | None = None      # prefill graphs (runtime/prefill.py), in the runner's pool
+        self.prefill: PrefillGraphs | None = None      # prefill graphs (runtime/prefill.py), their own pool
         self.loops: dict[GraphKey, FastLoop] = {}
         self._eager: dict[tuple[int, int], StepBuffers] = {}
         self.eager_only = False                        # verification compares the kernels, not graph capture
@@ -180,7 +180,7 @@ class PatchSession:
 
     def _drop_graphs(self) -> None:
         self.loops.clear()
-        if self.prefill is not None:   # its graphs live in the runner's pool: they go together
+        if self.prefill is not None:   # prefill and decode graphs go together
             self.prefill.release()
             self.prefill = None
         if self.graphs is not None:

@@ -201,6 +201,33 @@ def test_prefill_graph_matches_eager_prefill():
 
 
 @torch.no_grad()
+def test_graphs_survive_a_cache_reallocation_after_a_prefill_graph():
+    """The H100 bench sequence that turned graphs off (2026-11-26, results/2026-11-26-h100-s5): decode
+    graphs, then a prefill graph (bucket 128), then a longer prompt whose cache re-allocation drops every
+    graph; the captures after it (decode and prefill) must succeed, with the eager-prefill answers."""
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=6)
+    V = model.config.vocab_size
+    short, long_ = random_tokens(V, 1, 128, 44, "cuda"), random_tokens(V, 1, 2048, 45, "cuda")
+    braid_backend.patch(model, prefill_graphs=False)
+    want = _gen(model, short, max_new_tokens=16, min_new_tokens=16)
+    braid_backend.patch(model)
+    st = model._braid_session
+    _gen(model, short, max_new_tokens=16, min_new_tokens=16)            # decode graphs, eager prefill
+    for _ in range(2):
+        _gen(model, short, max_new_tokens=1)                            # captures, replays the 128 bucket
+    assert st.status.stats["prefill_graph"] >= 1
+    for _ in range(3):   # the long prompt re-allocates the cache (every graph dropped), then captures again
+        _gen(model, long_, max_new_tokens=16, min_new_tokens=16)
+        got = _gen(model, short, max_new_tokens=16, min_new_tokens=16)
+        status = braid_backend.status(model)
+        assert status.graphs and status.prefill_graphs, status
+    assert not any("capture failed" in e for e in st.report.events), st.report.events
+    assert st.status.stats["prefill_graph"] >= 4
+    # bucket 128 = the prompt: the graph runs the eager prefill's shapes, so the tokens are the same
+    assert torch.equal(got, want)
+
+
+@torch.no_grad()
 def test_prefill_graph_capture_failure_falls_back(monkeypatch):
     """A prefill forward that syncs with the host (fine eagerly, an error inside a capture): one warning,
     prefill graphs off for the session, decode graphs still on, every answer equal to the eager one."""

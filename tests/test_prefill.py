@@ -181,7 +181,7 @@ def test_generate_on_cpu_with_option_on_and_off():
         assert braid_backend.status(model).stats["prefill_graph"] == 0
 
 
-def _fake_capture(self, key, cache, input_ids, forward, pool):
+def _fake_capture(self, key, cache, input_ids, forward):
     """Stands in for the CUDA capture on the CPU: the 'graph' re-runs the body eagerly on the same
     static buffers, so the keying, first-use, output clone and cache bookkeeping around it are tested."""
     B, Tb = key[:2]
@@ -202,7 +202,6 @@ def _eligible_on_cpu(monkeypatch, s):
     orig = hfgen.prefill_graph_reason
     monkeypatch.setattr(hfgen, "prefill_graph_reason",
                         lambda *a: (lambda why: None if why == "inputs on cpu" else why)(orig(*a)))
-    monkeypatch.setattr(s, "graph_runner", lambda: SimpleNamespace(pool=None))
 
 
 @torch.no_grad()
@@ -284,10 +283,10 @@ def test_run_resets_the_cache_when_the_capture_raises():
     pg = PrefillGraphs(on_failure=seen.append)
     fwd = hfgen.prefill_forward(model, cache, cache_kwarg_name(model))
     with torch.no_grad():
-        assert pg.run(cache, ids, fwd, None) is None and not seen
+        assert pg.run(cache, ids, fwd) is None and not seen
         if torch.cuda.is_available():
             pytest.skip("the forced failure needs a machine without CUDA")
-        assert pg.run(cache, ids, fwd, None) is None
+        assert pg.run(cache, ids, fwd) is None
     assert len(seen) == 1 and cache.seen == 0 and not pg.graphs
     pg.forget(cache.serial)
     assert not pg.used

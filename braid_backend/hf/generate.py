@@ -268,8 +268,7 @@ def graph_prefill(s: PatchSession, model, cache, input_ids, mask, key: str):
     why = prefill_graph_reason(s, cache, input_ids, mask)
     if why is not None:
         return None
-    pool = s.graph_runner().pool
-    logits = s.prefill_graphs().run(cache, input_ids, prefill_forward(model, cache, key), pool)
+    logits = s.prefill_graphs().run(cache, input_ids, prefill_forward(model, cache, key))
     if logits is not None:
         s.status.stats["prefill_graph"] += 1
     return logits

@@ -86,6 +86,10 @@ class GraphRunner:
         for k in [k for k in self.graphs if k.cache_serial == key.cache_serial and k.cache_version != key.cache_version]:
             del self.graphs[k]
         t0 = time.perf_counter()
+        if not self.graphs:
+            # a pool whose graphs are all gone may still hold blocks (anything a capture allocated that
+            # outlived it); capturing into it again trips torch's allocator assert (use_count > 0)
+            self.pool = torch.cuda.graph_pool_handle()
         self.step.prepare(cache.max_len)
         bufs = self.step.new_buffers(key.bucket, cache.max_len)
         # Warm-up and capture write k/v at bufs.slots (advancing by one per step for multi-step

@@ -91,9 +91,17 @@ class PrefillGraphs:
     """Prefill graphs keyed by (B, Tb, cache serial, cache version), captured on a key's second use.
 
     The first use of a key runs the caller's eager prefill (run returns None): one-off prompt lengths
-    pay no capture. Graphs share the decode GraphRunner's memory pool (the caller passes it), so the
-    activations of prefill and decode graphs are not held twice. on_failure(exc) is called when a
-    capture raises; the caller then runs its eager prefill (and should stop asking)."""
+    pay no capture. on_failure(exc) is called when a capture raises; the caller then runs its eager
+    prefill (and should stop asking).
+
+    Memory pool and stream, learnt on an H100: when prefill graphs shared the decode graphs' pool, the
+    first decode capture after a cache re-allocation (which drops every graph) hit torch's allocator
+    assert `use_count > 0`: the pool had no graph left but still a live block, and graphs went off for
+    the session. The likely block (not confirmed): cuBLAS's per-stream workspace, allocated inside the
+    pool by the capture stream's first GEMM and kept for the stream's life. So prefill graphs now have
+    their own pool, a new one whenever none of their graphs is left, and warm up and capture on one
+    stream of their own (its workspace then comes from the warm-up, outside any pool); GraphRunner
+    likewise takes a new pool when it has no graph."""
 
     def __init__(self, on_failure: Callable[[BaseException], None] | None = None,
                  token_cap: int = PREFILL_TOKEN_CAP):
@@ -101,6 +109,8 @@ class PrefillGraphs:
         self.graphs: dict[tuple, _Captured] = {}
         self.used: set[tuple] = set()     # keys whose first (eager) use has happened
         self.captures = 0
+        self.pool = None                  # graph memory pool handle, renewed when no graph is left
+        self.stream = None                # warm-up and capture stream (created on the first capture)
 
     def release(self) -> None:
         self.graphs.clear()
@@ -126,7 +136,7 @@ class PrefillGraphs:
             return f"bucket {Tb} longer than the cache ({cache.max_len})"
         return None
 
-    def run(self, cache, input_ids: torch.Tensor, forward: Callable, pool) -> torch.Tensor | None:
+    def run(self, cache, input_ids: torch.Tensor, forward: Callable) -> torch.Tensor | None:
         """The prompt's last-position (B, V) logits, a fresh tensor, with the cache filled as the
         eager prefill fills it; None when the caller must run its eager prefill instead (not eligible,
         first use of the bucket, or the capture failed)."""
@@ -139,7 +149,7 @@ class PrefillGraphs:
             if key not in self.used:
                 self.used.add(key)
                 return None
-            got = self._try_capture(key, cache, input_ids, forward, pool)
+            got = self._try_capture(key, cache, input_ids, forward)
             if got is None:
                 return None
         got.inp.fill(input_ids)
@@ -149,16 +159,16 @@ class PrefillGraphs:
         finish_prefill(cache, B, T)
         return logits
 
-    def _try_capture(self, key, cache, input_ids, forward, pool) -> _Captured | None:
+    def _try_capture(self, key, cache, input_ids, forward) -> _Captured | None:
         try:
-            return self._capture(key, cache, input_ids, forward, pool)
+            return self._capture(key, cache, input_ids, forward)
         except Exception as e:
             cache.seen = 0   # the caller's eager prefill starts from an empty cache
             if self.on_failure is not None:
                 self.on_failure(e)
             return None
 
-    def _capture(self, key, cache, input_ids, forward, pool) -> _Captured:
+    def _capture(self, key, cache, input_ids, forward) -> _Captured:
         # graphs of this cache's older buffers can never replay again
         stale = {k for k in self.graphs if k[2] == key[2] and k[3] != key[3]}
         self.graphs = {k: v for k, v in self.graphs.items() if k not in stale}
@@ -166,16 +176,20 @@ class PrefillGraphs:
         B, Tb = key[0], key[1]
         inp = PrefillInputs.new(B, Tb, input_ids.device)
         inp.fill(input_ids)
-        # warm-up on a side stream (lazy library init, allocator blocks), as GraphRunner does; it only
-        # writes cache slots 0..Tb-1, which this prefill overwrites anyway
-        side = torch.cuda.Stream()
+        if self.pool is None or not self.graphs:   # a pool no graph uses may still hold blocks: never reuse it
+            self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=input_ids.device)
+        # warm-up on the capture stream (lazy library init, cuBLAS's per-stream workspace, allocator
+        # blocks) outside the pool; it only writes cache slots 0..Tb-1, which this prefill overwrites
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 padded_prefill(forward, cache, inp)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             out = padded_prefill(forward, cache, inp)
         cache.seen = 0
         got = self.graphs[key] = _Captured(graph, inp, out)
