@@ -25,6 +25,8 @@ CASES = {
     "bias_silu_inplace": dict(bias=True, act="silu_mul", residual="inplace"),
     "norm0_offset_bias_res": dict(norm=0, norm_offset=0.5, bias=True, residual="separate"),
     "gelu_bias_res": dict(act="gelu_tanh_mul", bias=True, residual="separate", norm=0),
+    "granite_scale_inplace": dict(residual="inplace", res_scale=0.22),     # Granite o_proj / down
+    "granite_bias_scale_res": dict(bias=True, residual="separate", res_scale=1.7, norm=0),
 }
 SHAPES = [(1, 97, 96), (3, 123, 123), (17, 64, 257)]  # (M, N_out, K)
 # Interpreter time is per program: the forced-path matrix uses a wide BLOCK_N on the gemv path;
@@ -51,6 +53,8 @@ def make_inputs(M, n_out, K, dtype, opts, seed, x_pad=0):
                   norm_mode=opts["norm"], norm_offset=opts.get("norm_offset", 0.0), eps=1e-6)
     if opts.get("residual"):
         kw["residual"] = rnd(M, n_out)
+    if opts.get("res_scale") is not None:
+        kw["res_scale"] = opts["res_scale"]
     return x, w, kw
 
 
@@ -195,3 +199,5 @@ def test_bad_args():
         fused_gemv(x, w, out=torch.empty(2, 10, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(ValueError):
         fused_gemv(x, w, config={"path": "tc", "BLOCK_N": 8})
+    with pytest.raises(ValueError, match="res_scale"):
+        fused_gemv(x, w, res_scale=0.5)

@@ -7,6 +7,7 @@ x.dtype (identity for fp32):
   y   = rnd(h @ W^T + bias_f32)                      (one rounding, like cuBLAS's bias epilogue)
   act:  W is packed [gate; up] (2I, K); out = rnd(rnd(act(y_gate)) * y_up)
   residual: out = rnd(residual_f32 + out_f32)
+  res_scale m (Granite's residual multiplier, with residual): out = rnd(residual_f32 + rnd(out_f32 * m))
 
 Two code paths, both exact w.r.t. the specification:
   "gemv": few rows (M <= 8). Each program owns BLOCK_N weight rows (and the matching up rows for
@@ -44,8 +45,8 @@ if triton is not None:
 
     @triton.jit
     def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr, stride_om,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                  BF16_FIX: tl.constexpr):
+                  res_scale, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, BF16_FIX: tl.constexpr):
         DT = out_ptr.dtype.element_ty
         mask_n = offs_n < N_OUT
         mask = (offs_m < M)[:, None] & mask_n[None, :]
@@ -60,6 +61,8 @@ if triton is not None:
             u = round_to(u, DT, BF16_FIX)
             y = round_to(round_to(_act(y, ACT), DT, BF16_FIX) * u, DT, BF16_FIX)
         rows = offs_m.to(tl.int64)[:, None]
+        if HAS_SCALE:   # HF: residual + y * m, the product materialised in the dtype first
+            y = round_to(y * res_scale, DT, BF16_FIX)
         if HAS_RES:
             # Aliasing: `out` may be `residual`. Each element is loaded here and stored below by the
             # same program with the same offsets, and no other program touches it: in-place is safe.
@@ -99,9 +102,9 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
-        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
-        ACT: tl.constexpr, HAS_RES: tl.constexpr,
+        ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
     ):
@@ -142,14 +145,15 @@ if triton is not None:
             acc_g, acc_u = _gemv_tile(acc_g, acc_u, wg, wu, x_rows, nw_ptr, k, K, mask_m3, r, norm_offset,
                                       HAS_NORM, NORM_MODE, ACT, DT, BF16_FIX)
         _epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), offs_m, offs_n, M, N_OUT,
-                  b_ptr, res_ptr, stride_rm, out_ptr, stride_om, HAS_BIAS, ACT, HAS_RES, BF16_FIX)
+                  b_ptr, res_ptr, stride_rm, out_ptr, stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE,
+                  BF16_FIX)
 
     @triton.jit
     def _tc_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
-        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
-        ACT: tl.constexpr, HAS_RES: tl.constexpr,
+        ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
@@ -194,7 +198,7 @@ if triton is not None:
                 else:
                     acc_u = tl.dot(h, wu, acc_u)
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
-                  stride_om, HAS_BIAS, ACT, HAS_RES, BF16_FIX)
+                  stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
 
 
 # -------------------------------------------------------------------------------------- heuristics
@@ -269,8 +273,10 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | Non
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
                norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]); see the module docstring.
+               out: torch.Tensor | None = None, config: dict | None = None,
+               res_scale: float | None = None) -> torch.Tensor:
+    """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]) [* res_scale]; see the module
+    docstring (res_scale only with residual: Granite's `residual + y * residual_multiplier`).
 
     x (M, K) with contiguous last dim (row stride allowed); weight (N, K) contiguous, N = 2*N_out
     for act in {"silu_mul", "gelu_tanh_mul"} (rows [gate; up]). `out` may be `residual` (in-place
@@ -298,6 +304,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
         _check_2d("norm_weight", norm_weight, (K,))
     if residual is not None:
         _check_2d("residual", residual, (M, n_out), x.dtype)
+    if res_scale is not None and residual is None:
+        raise ValueError("res_scale scales what is added to residual: give residual too")
     if out is None:
         out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     else:
@@ -313,9 +321,11 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     dummy = x  # pointer for disabled operands; never dereferenced (constexpr flags)
     res = residual if residual is not None else dummy
     args = (x, weight, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
-            res, out, M, n_out, K, x.stride(0), res.stride(0), out.stride(0), float(eps), float(norm_offset))
+            res, out, M, n_out, K, x.stride(0), res.stride(0), out.stride(0), float(eps), float(norm_offset),
+            float(res_scale) if res_scale is not None else 1.0)
     flags = dict(HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, NORM_MODE=int(norm_mode),
-                 ACT=_ACTS[act], HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 ACT=_ACTS[act], HAS_RES=residual is not None, HAS_SCALE=res_scale is not None,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                  **pdl_launch_kwargs(x.device))
     if cfg["path"] == "gemv":
@@ -342,7 +352,8 @@ def _act_reference(g: torch.Tensor, act: str) -> torch.Tensor:
 def fused_gemv_reference(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
                          norm_offset: float = 0.0, act: str | None = None,
-                         residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                         res_scale: float | None = None) -> torch.Tensor:
     """Pure-torch specification of `fused_gemv` (same cast points; `out` may be `residual`)."""
     dt = x.dtype
     h = x if norm_weight is None else norm_reference(x, norm_weight, eps, norm_mode, norm_offset)
@@ -355,6 +366,8 @@ def fused_gemv_reference(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.T
         g, u = y[:, :n_out], y[:, n_out:]
         # HF: act_fn(gate_proj(x)) * up_proj(x), each op materialised in the model dtype.
         y = (_act_reference(g.float(), act).to(dt).float() * u.float()).to(dt)
+    if res_scale is not None:
+        y = (y.float() * res_scale).to(dt)                    # HF (Granite): y * residual_multiplier
     if residual is not None:
         y = (residual.float() + y.float()).to(dt)             # HF: residual + o_proj(x)
     if out is not None:

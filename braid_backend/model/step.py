@@ -248,6 +248,10 @@ class DecodeStep:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
             b.part.reduce(slot, b.tmp, bias=bias)
+        elif tp is None and post_norm is None and p.residual_mult is not None:
+            # Granite: x + rnd(y * m) in the GEMV's epilogue (was a mul and an add after it)
+            fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult)
+            return
         elif post_norm is None and p.residual_mult is None:
             if tp is None:
                 fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
