@@ -21,6 +21,7 @@ from .runtime.cache import LEN_ROUND, BraidCache, batch_bucket, round_up
 from .runtime.graphs import GraphKey, GraphRunner
 from .runtime.interface import DecodeStep, StepBuffers
 from .runtime.loop import FastLoop
+from .runtime.precompile import warm_triton_key
 from .runtime.prefill import PrefillGraphs
 from .runtime.sampling import SelectConfig
 
@@ -82,6 +83,8 @@ class PatchSession:
         self.eager_only = False                        # verification compares the kernels, not graph capture
         self._warned: set[str] = set()
         self.params_sig = params_signature(model)
+        if graphs:   # the first graph capture compiles or loads kernels: start Triton's hash now
+            warm_triton_key()
 
     @property
     def model(self):

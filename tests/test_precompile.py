@@ -412,3 +412,22 @@ def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_env(monk
     graphs.GraphRunner._precompile(runner, graphs.GraphKey(2, 0, 0, 64, "hf-step"), "body")
     graphs.GraphRunner._precompile(runner, graphs.GraphKey(1, 0, 0, 64, ("fast", 8)), "body")
     assert len(calls) == 3
+
+
+def test_warm_triton_key_runs_it_in_a_thread_only_where_something_compiles(monkeypatch):
+    import triton.runtime.cache as tcache
+
+    calls = []
+    monkeypatch.setattr(tcache, "triton_key", lambda: calls.append(threading.current_thread().name))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pc.warm_triton_key() is None and not calls        # the interpreter compiles nothing
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("BRAID_PRECOMPILE", "0")
+    assert pc.warm_triton_key() is None and not calls
+    monkeypatch.setenv("BRAID_PRECOMPILE", "1")
+    t = pc.warm_triton_key()
+    if pc.unavailable_reason():
+        assert t is None
+        pytest.skip(pc.unavailable_reason())
+    t.join(10)
+    assert calls == ["braid-triton-key"]
