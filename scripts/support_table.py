@@ -54,6 +54,8 @@ def fused(s: FamilySpec) -> str:
     attn += ", logit soft-cap)" if s.attn_softcap else ")"
     mlp = f"{norm} + gate_up GEMV{packed_gu} + act*up" if s.mlp_norm else f"gate_up GEMV{packed_gu} + act*up"
     res = "o_proj / down GEMV" + (" + residual" if not (s.attn_out_norm or s.multipliers) else "")
+    if s.multipliers:
+        res += " + y x residual_multiplier + residual (tensor parallel: torch ops after the reduce)"
     return "; ".join([qkv, rope + " + KV-cache write", attn, mlp, res, f"final {norm} + lm_head GEMV"])
 
 
@@ -63,11 +65,11 @@ def extra(s: FamilySpec) -> str:
     if s.embed_scale:
         out.append("embeddings x embed_scale (rounded to the dtype)")
     if s.multipliers:
-        out.append("embeddings x embedding_multiplier; residual + y x residual_multiplier; logits / logits_scaling")
+        out.append("embeddings x embedding_multiplier; logits / logits_scaling")
     if s.qk_norm == "full":
         out.append("q/k RMSNorm over the whole projection (rmsnorm kernel on the qkv slices)")
     if s.attn_out_norm or s.mlp_out_norm:
-        out.append("post-norms: rmsnorm kernel on the sublayer output, then residual add")
+        out.append("post-norms: one rmsnorm kernel on the sublayer output that also adds it to the residual")
     if s.final_softcap:
         out.append("final logit soft-cap tanh(l / c) x c")
     return "; ".join(out) or "-"

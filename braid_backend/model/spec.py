@@ -84,7 +84,8 @@ REGISTRY: list[FamilySpec] = [
                notes="packed qkv_proj / gate_up_proj used as is; partial rotary; longrope only while it "
                      "cannot pass original_max_position_embeddings (see LONGROPE_CROSSING_OK)"),
     FamilySpec("granite", ("granite",), multipliers=True,
-               notes="embedding/residual multipliers and logits_scaling in torch on the step's buffers; "
+               notes="embedding multiplier and logits_scaling in torch on the step's buffers, the residual "
+                     "multiplier in the o_proj / down GEMV epilogue; "
                      "attention_multiplier is the attention scale"),
     FamilySpec("olmo2", ("olmo2",), attn_norm=None, mlp_norm=None, attn_out_norm="post_attention_layernorm",
                mlp_out_norm="post_feedforward_layernorm", norm_mode=1, qk_norm="full",
