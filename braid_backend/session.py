@@ -144,6 +144,9 @@ class PatchSession:
         self.warn_once("graphs", f"braid: CUDA graph capture failed ({type(exc).__name__}: {exc}); decode steps "
                                  "run the fused kernels without graphs from now on")
         self._drop_graphs()
+        self._settle_after_failed_capture()
+
+    def _settle_after_failed_capture(self) -> None:
         if self.step.device.type == "cuda":
             try:  # a failed capture can leave pending work or a poisoned stream; surface it here, not later
                 torch.cuda.synchronize(self.step.device)
@@ -174,12 +177,7 @@ class PatchSession:
         if self.prefill is not None:
             self.prefill.release()
             self.prefill = None
-        if self.step.device.type == "cuda":
-            try:  # as for decode graphs: surface pending work or a poisoned stream here, not later
-                torch.cuda.synchronize(self.step.device)
-                torch.cuda.empty_cache()
-            except Exception as e:  # pragma: no cover - GPU only
-                log.warning("braid: after the failed prefill capture: %s", e)
+        self._settle_after_failed_capture()
 
     def _drop_graphs(self) -> None:
         self.loops.clear()

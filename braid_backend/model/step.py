@@ -146,7 +146,8 @@ class DecodeStep:
             self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, _w(lp.o), _b(lp.o), _w(lp.down), _b(lp.down),
                                           lp, _eps(lp.attn_norm), _eps(lp.mlp_norm),
                                           _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm), _eps(lp.q_norm)))
-        self.needs_tmp = self.tp is not None or plan.residual_mult is not None or any(
+        # Granite's residual multiplier needs no scratch on one device (GEMV epilogue), only under TP
+        self.needs_tmp = self.tp is not None or any(
             lp.attn_out_norm is not None or lp.mlp_out_norm is not None for lp in plan.layers)
         self.rope_keys = sorted({lp.rope_key for lp in plan.layers}, key=lambda k: (k is None, k or ""))
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
@@ -241,22 +242,20 @@ class DecodeStep:
         added after the reduce (once), as transformers' row-wise layer does. `slot`: which of the two
         partial-sum slots of the "flags" reduce (attention 0, MLP 1: consecutive reduces alternate)."""
         p, tp = self.plan, self.tp
-        flags = isinstance(b.part, FlagPartials)
-        if flags:
+        direct = post_norm is None   # the sublayer's output goes straight into x (times m for Granite)
+        if tp is None:
+            if direct:   # x + y, or Granite's x + rnd(y * m), in the GEMV's epilogue
+                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult)
+                return
+            fused_gemv(h, w, bias=bias, out=b.tmp)
+        elif isinstance(b.part, FlagPartials):
             fused_gemv(h, w, out=b.part.slot(slot))
-            if post_norm is None and p.residual_mult is None:
+            if direct and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
             b.part.reduce(slot, b.tmp, bias=bias)
-        elif tp is None and post_norm is None and p.residual_mult is not None:
-            # Granite: x + rnd(y * m) in the GEMV's epilogue (was a mul and an add after it)
-            fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult)
-            return
-        elif post_norm is None and p.residual_mult is None:
-            if tp is None:
-                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x)
-                return
-            if bias is None and _RESIDUAL_IN_REDUCE:
+        else:
+            if direct and p.residual_mult is None and bias is None and _RESIDUAL_IN_REDUCE:
                 # x = sum over ranks of (rank 0: x + partial, others: partial): the all-reduce does the
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
@@ -264,17 +263,16 @@ class DecodeStep:
                 fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst)
                 tp.reduce_into(b.part, b.x)
                 return
-        if not flags:
-            fused_gemv(h, w, bias=bias if tp is None else None, out=b.tmp if b.part is None else b.part)
-            if tp is not None:
-                tp.reduce_into(b.part, b.tmp)
-                if bias is not None:
-                    b.tmp.add_(bias)
-        if post_norm is not None and p.residual_mult is None:   # HF: residual + post_norm(y), one kernel
-            rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
-                    norm_offset=p.spec.norm_offset, add_to=b.x, out=b.x)
-            return
-        if post_norm is not None:
+            fused_gemv(h, w, out=b.tmp if b.part is None else b.part)
+            tp.reduce_into(b.part, b.tmp)
+            if bias is not None:
+                b.tmp.add_(bias)
+        # b.tmp holds the sublayer's output
+        if post_norm is not None:   # HF: residual + post_norm(y)
+            if p.residual_mult is None:   # one kernel: norm, then add into x
+                rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
+                        norm_offset=p.spec.norm_offset, add_to=b.x, out=b.x)
+                return
             rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
                     norm_offset=p.spec.norm_offset, out=b.tmp)
         if p.residual_mult is not None:   # HF: residual + y * m (two roundings, as here)

@@ -264,7 +264,8 @@ def _choose_all_reduce(group, device) -> tuple[str, str | None]:
         import torch.distributed._symmetric_memory as symm_mem
         probe = symm_mem.empty(16, dtype=torch.float32, device=device)
         symm_mem.rendezvous(probe, group.group_name)
-        ok = want != "symm" or hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
+        # "flags" needs the one-shot op too: it takes the buffers above FLAGS_MAX_ELEMS
+        ok = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
         if not ok:
             why = "this torch has no symm_mem.one_shot_all_reduce_out"
     except Exception as e:  # no P2P access, an old torch, ...

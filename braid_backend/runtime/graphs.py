@@ -1,7 +1,8 @@
 """CUDA-graph capture and replay of a DecodeStep.
 
-One graph per GraphKey (batch bucket, cache buffers, what the body does); all graphs share one memory
-pool and each has its own static StepBuffers, so replays never allocate. A graph is captured the first
+One graph per GraphKey (batch bucket, cache buffers, what the body does); the live graphs share one
+memory pool (a new one once none is left) and each has its own static StepBuffers, so replays never
+allocate. A graph is captured the first
 time it is needed (warm-up on a side stream first, which also compiles the Triton kernels) and again
 only when the cache buffers are re-allocated (growth, new dtype/size). Before the first warm-up of a body
 at a bucket, its kernels are compiled in parallel worker processes (runtime/precompile.py; BRAID_PRECOMPILE=0
