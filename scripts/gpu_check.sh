@@ -9,8 +9,9 @@
 # plus summary.txt, so that the device tool's 8-file limit is never hit.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
-WORK=$(mktemp -d /tmp/braid-gpu.XXXX)
-mkdir -p "$OUT"
+# WORK: reuse one folder across invocations (scripts/lanes_gpu.sh), so every publish has all of it
+WORK=${WORK:-$(mktemp -d /tmp/braid-gpu.XXXX)}
+mkdir -p "$OUT" "$WORK"
 # TRITON_INTERPRET=0 wins over the test files' setdefault("TRITON_INTERPRET", "1") for CPU runs
 export PYTHONPATH=$PWD:${PYTHONPATH:-} BRAID_GPU_TESTS=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 STAGES=${STAGES:-"env tests kernels breakdown bench"}
@@ -63,6 +64,15 @@ for s in $STAGES; do
     # cold start (issue #13): fresh processes, empty vs kept Triton cache, BRAID_PRECOMPILE=1/0
     stage cold
     OUT=$WORK/cold CASE_TIMEOUT=${COLD_TIMEOUT:-150} timeout 500 bash scripts/cold_start_gpu.sh 2>&1 | tail -n 12 ;;
+  kvbw)
+    # long-context attention: KV read bandwidth per kernel (benchmarks/kv_bandwidth.py)
+    for m in ${KV_MODELS:-qwen2.5-0.5b}; do
+      stage "kvbw $m"
+      timeout ${KV_TIMEOUT:-300} python3 benchmarks/kv_bandwidth.py "$m" --batch ${KV_BATCH:-1,8} --ctx ${KV_CTX:-8192,32768} \
+        --out "$WORK/kvbw-$m.json" > "$WORK/kvbw-$m.log" 2>&1
+      tail -n 6 "$WORK/kvbw-$m.log"
+      publish
+    done ;;
   breakdown)
     stage breakdown
     timeout ${BREAKDOWN_TIMEOUT:-200} python3 benchmarks/step_breakdown.py qwen2.5-0.5b --out "$WORK/breakdown.json" > "$WORK/breakdown.log" 2>&1
