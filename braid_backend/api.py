@@ -10,6 +10,7 @@ from .hf.generate import PatchedGenerate
 from .kernels._common import kernels_usable
 from .model.spec import ModelPlan, Unsupported, plan_model
 from .model.fuse import unfuse_param
+from .model.cupy_step import CupyDecodeStep, cupy_reason
 from .model.step import DecodeStep
 from .model.tp import local
 from .options import PatchOptions
@@ -75,11 +76,15 @@ def patch(model, **options) -> PatchReport:
             return _refuse(model, report, f"model.{attr} is already replaced on the instance "
                                           "(another library's hook?)", opts.strict)
     report.family = plan.spec.family
+    cupy_why = None if opts.backend == "triton" else cupy_reason(plan, device)
+    if cupy_why and opts.backend == "cupy" and opts.strict:
+        return _refuse(model, report, f"backend='cupy': {cupy_why}", True)
     views = _packed_views(model)
     try:
-        step = DecodeStep(plan)
+        step = DecodeStep(plan) if opts.backend == "triton" or cupy_why else CupyDecodeStep(plan, opts.backend, report)
         session = PatchSession(model, step, report, opts)
         _fill_report(report, plan, opts, device)
+        _report_backend(report, opts.backend, step, cupy_why)
     except Exception as e:  # a bug or an unforeseen module: never leave the weights half-packed
         log.debug("braid: patch failed", exc_info=True)
         _rollback(model, views)
@@ -151,6 +156,23 @@ def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, devic
     for w in p.warnings:   # differences from the family's full math that stock shares (e.g. softcap)
         log.warning("braid: %s", w)
         report.events.append(w)
+
+
+def _report_backend(report: PatchReport, asked: str, step, cupy_why: str | None) -> None:
+    """Which backend runs the decode layers, in the report and the log."""
+    report.backend = step.backend
+    if step.backend == "triton":
+        report.patched.append(("decode layers backend", "triton (kernels per op)"))
+        if asked != "triton":
+            msg = f"backend {asked}: CuPy layer kernel not used ({cupy_why}); layers run on Triton"
+            report.stock.append(("CuPy layer kernel", cupy_why))
+            (log.warning if asked == "cupy" else log.info)("braid: %s", msg)
+        return
+    how = ("timed against Triton per batch bucket at first use, the faster kept" if asked == "auto"
+           else "checked against Triton at first use")
+    report.patched.append(("decode layers backend", f"{asked}: one persistent CuPy kernel per layer for batch "
+                                                    f"buckets <= 8 ({how}); Triton for larger buckets"))
+    log.info("braid: backend %s: decode layers run the CuPy persistent kernel (buckets <= 8)", asked)
 
 
 def unpatch(model) -> None:

@@ -5,6 +5,9 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 
 MAX_GRAPH_STEPS = 128   # a K-step graph holds K copies of the step's kernels; beyond this it only costs memory
+# decode-layer backends: "triton" (the reference), "cupy" (one persistent CUDA-C kernel per layer where the
+# model and CuPy allow it), "auto" (CuPy where eligible, then per batch bucket the faster one, timed once)
+BACKENDS = ("auto", "triton", "cupy")
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,7 @@ class PatchOptions:
     verify: bool = False         # compare a few decode steps with stock on first use
     strict: bool = False         # raise BraidUnsupportedError instead of leaving the model stock
     prefill_graphs: bool = True  # generate()'s prompt prefill from CUDA graphs per length bucket (needs graphs)
+    backend: str = "auto"        # decode-layer backend: one of BACKENDS
 
     def __post_init__(self):
         for f in fields(self):
@@ -27,6 +31,9 @@ class PatchOptions:
         object.__setattr__(self, "graph_steps", int(k))
         if not 1 <= k <= MAX_GRAPH_STEPS:
             raise ValueError(f"patch() option graph_steps must be in [1, {MAX_GRAPH_STEPS}], got {k}")
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(f"patch() option backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                             f"got {self.backend!r}")
 
     @classmethod
     def from_kwargs(cls, **options) -> "PatchOptions":

@@ -13,6 +13,8 @@ class PatchReport:
     reason: str | None = None                                        # set when the whole model is left stock
     options: dict = field(default_factory=dict)
     events: list[str] = field(default_factory=list)                  # later fallbacks (graph capture, verify)
+    backend: str | None = None         # what runs the decode layers: "triton", "cupy" or "auto" (CuPy + timing)
+    backends: dict = field(default_factory=dict)   # batch bucket -> "cupy" | "triton", as decided at first use
 
     @property
     def ok(self) -> bool:
@@ -31,6 +33,8 @@ class PatchReport:
             lines = [f"{head}: family={self.family}, {len(self.patched)} modules patched"]
             lines += [f"  patched  {m}: {w}" for m, w in _collapse(self.patched)]
         lines += [f"  stock    {m}: {w}" for m, w in self.stock]
+        if self.backends:
+            lines.append("  backend  " + ", ".join(f"bucket {m}: {b}" for m, b in sorted(self.backends.items())))
         lines += [f"  event    {e}" for e in self.events]
         if self.options:
             lines.append("  options  " + ", ".join(f"{k}={v}" for k, v in self.options.items()))
