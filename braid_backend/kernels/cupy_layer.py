@@ -32,7 +32,7 @@ WARPS = 16               # 512 threads per CTA, one CTA per SM
 MAX_ROWS = 8             # batch buckets above this run the Triton layers
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16           # query heads per kv head the attention phase keeps in registers
-SMEM_LIMIT = 227 * 1024  # H100 per-block dynamic shared memory (opt-in maximum)
+SMEM_LIMIT = 227 * 1024 - 1024  # H100 per-block shared memory opt-in maximum, less the kernel's static part
 BAR_WORDS = 8            # grid-barrier words before the per-(m, kv head) split counters
 BAR_ERR = 6              # word set by a barrier that timed out (see cupy_layer.cu)
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -48,15 +48,15 @@ def _cupy():
 
 def cupy_available(device: torch.device) -> tuple[bool, str]:
     """Whether the CuPy backend can run on this device, and if not, why (never raises)."""
-    if device.type != "cuda":
-        return False, f"device is {device.type}, the CuPy kernel needs a CUDA device"
-    if _common.interpret_mode():
-        return False, "TRITON_INTERPRET=1 (CPU interpreter run)"
     try:
         cupy = _cupy()
     except Exception as e:  # ImportError, or a broken install raising anything else
         return False, f"cupy is not importable ({type(e).__name__}: {e}); install braid-backend[cupy-cuda13] " \
                       "or [cupy-cuda12] to match torch's CUDA"
+    if device.type != "cuda":
+        return False, f"device is {device.type}, the CuPy kernel needs a CUDA device"
+    if _common.interpret_mode():
+        return False, "TRITON_INTERPRET=1 (CPU interpreter run)"
     try:
         cu_major = cupy.cuda.runtime.runtimeGetVersion() // 1000
     except Exception as e:
@@ -193,7 +193,7 @@ class LayerKernel:
         """One layer for rows [0, M) of x, in place (and k/v at slots[m] of the cache layer)."""
         import numpy as np
 
-        cupy, M, sp = _cupy(), self.M, self.spec
+        cupy = _cupy()
         _check(self, ws, x, w_qkv, w_o, w_gu, w_down, cos, sin, k_cache, v_cache, valid, q_buf, attn, act)
 
         def ptr(t):
@@ -207,7 +207,6 @@ class LayerKernel:
                 ptr(q_buf), ptr(attn), ptr(act), ptr(ws.ml), ptr(ws.acc), np.int32(ws.num_splits), ptr(ws.bar))
         with cupy.cuda.Device(self.dev_index), self._stream():
             self.fn((self.grid,), (WARPS * 32,), args, shared_mem=self.smem)
-        del M, sp
 
     def check(self, ws: LayerWorkspace) -> None:
         """Host sync: raise if a grid barrier timed out (CTAs not co-resident); clears the flags."""
@@ -220,7 +219,7 @@ class LayerKernel:
 
 def _blocks_per_sm(cupy, fn, threads: int, smem: int) -> int:
     try:
-        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem))
+        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem))
     except Exception:   # older CuPy without the binding: registers and smem were checked at compile time
         return 1
 
