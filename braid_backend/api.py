@@ -159,20 +159,21 @@ def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, devic
 
 
 def _report_backend(report: PatchReport, asked: str, step, cupy_why: str | None) -> None:
-    """Which backend runs the decode layers, in the report and the log."""
+    """Which backend runs the decode layers: report.backend, an event (CuPy) or a stock entry (why not
+    CuPy), and the log."""
     report.backend = step.backend
     if step.backend == "triton":
-        report.patched.append(("decode layers backend", "triton (kernels per op)"))
         if asked != "triton":
-            msg = f"backend {asked}: CuPy layer kernel not used ({cupy_why}); layers run on Triton"
             report.stock.append(("CuPy layer kernel", cupy_why))
-            (log.warning if asked == "cupy" else log.info)("braid: %s", msg)
+            (log.warning if asked == "cupy" else log.info)(
+                "braid: backend %s: CuPy layer kernel not used (%s); layers run on Triton", asked, cupy_why)
         return
     how = ("timed against Triton per batch bucket at first use, the faster kept" if asked == "auto"
            else "checked against Triton at first use")
-    report.patched.append(("decode layers backend", f"{asked}: one persistent CuPy kernel per layer for batch "
-                                                    f"buckets <= 8 ({how}); Triton for larger buckets"))
-    log.info("braid: backend %s: decode layers run the CuPy persistent kernel (buckets <= 8)", asked)
+    msg = (f"backend {asked}: decode layers run one persistent CuPy kernel per layer for batch buckets <= 8 "
+           f"({how}); Triton for larger buckets")
+    report.events.append(msg)
+    log.info("braid: %s", msg)
 
 
 def unpatch(model) -> None:

@@ -30,7 +30,8 @@ class PatchReport:
         if not self.ok:
             lines = [f"{head}: LEFT STOCK - {self.reason}"]
         else:
-            lines = [f"{head}: family={self.family}, {len(self.patched)} modules patched"]
+            layers = f", decode layers: {self.backend}" if self.backend else ""
+            lines = [f"{head}: family={self.family}, {len(self.patched)} modules patched{layers}"]
             lines += [f"  patched  {m}: {w}" for m, w in _collapse(self.patched)]
         lines += [f"  stock    {m}: {w}" for m, w in self.stock]
         if self.backends:

@@ -30,7 +30,7 @@ from .collect import (COLD_VARIANTS, add_chat_ratios, add_ratios, collect_chat, 
 from .runner import INTERPRET_NOTE
 from .timing import PROGRESS
 
-VARIANTS = ("stock", "hf-static", "braid", "braid-eager")
+VARIANTS = ("stock", "hf-static", "braid", "braid-eager", "braid-triton", "braid-cupy")
 DEFAULT_VARIANTS = ("stock", "hf-static", "braid")
 TEST_VARIANTS = ("crash", "hang")   # test aids, not listed in --help
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -10,7 +10,7 @@ from .child import _failure_reason, run_child
 from .schema import CHAT_PROPERTIES, ROW_KEYS, TTFT_PROPERTIES
 
 # Variants with compiled kernels whose first call --cold repeats with empty caches (stock compiles nothing).
-COLD_VARIANTS = ("hf-static", "braid", "braid-eager")
+COLD_VARIANTS = ("hf-static", "braid", "braid-eager", "braid-triton", "braid-cupy")
 # The compile caches a cold run points at fresh empty dirs: Triton's kernel cache (braid's kernels and
 # inductor's generated ones) and inductor's FX-graph / autotune / AOT caches (hf-static's torch.compile).
 CACHE_VARS = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-COLORS = {"stock": "tab:gray", "hf-static": "tab:blue", "braid": "tab:orange", "braid-eager": "tab:green"}
+COLORS = {"stock": "tab:gray", "hf-static": "tab:blue", "braid": "tab:orange", "braid-eager": "tab:green",
+          "braid-triton": "tab:red", "braid-cupy": "tab:purple"}
 _MORE = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
 
 

@@ -36,6 +36,12 @@ def _err_cell(row):
     return f"{_g(c.get('variant_err'))} vs {_g(c.get('stock_err'))} (x{_f(c.get('err_ratio'))})"
 
 
+def _variant_cell(row):
+    """The variant; for braid (backend "auto") the decode-layer backend it ran for this batch size."""
+    lb = row.get("layer_backend")
+    return f"{row['variant']} ({lb})" if row["variant"] == "braid" and lb else row["variant"]
+
+
 def _status_cell(row):
     if row["status"] == "ok":
         return "ok"
@@ -74,7 +80,7 @@ def table_rows(results):
         ok = r["status"] == "ok"
         ttft = r.get("ttft_ms") or r.get("prefill_ms")   # results.json of schema 2 has prefill_ms only
         out.append([
-            r["variant"], str(r["batch"]),
+            _variant_cell(r), str(r["batch"]),
             _stats(ttft) if ok else "-",
             _noise(r, "decode_ms_per_step", _stats(r.get("decode_ms_per_step"), "{:.3f}") if ok else "-"),
             _noise(r, "decode_ms_per_step", _f(r.get("tok_s"), "{:.1f}")),

@@ -39,7 +39,10 @@ INTERPRET_NOTE = ("TRITON_INTERPRET=1 in the variant subprocesses: Triton kernel
                   "(seconds per fused step; timings not representative)")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Variants that get a teacher-forced logits check against the fp32 reference.
-CHECKED = ("stock", "braid", "braid-eager")
+CHECKED = ("stock", "braid", "braid-eager", "braid-triton", "braid-cupy")
+# braid variants: patch() options (braid = the defaults, backend "auto")
+BRAID_VARIANTS = {"braid": {}, "braid-eager": {"graphs": False}, "braid-triton": {"backend": "triton"},
+                  "braid-cupy": {"backend": "cupy"}}
 
 
 class Emitter:
@@ -135,15 +138,31 @@ def setup(spec: dict):
 
 
 def apply_patch(c) -> dict | None:
-    """braid_backend.patch() for the braid variants (graphs for braid, none for braid-eager)."""
-    if c.variant not in ("braid", "braid-eager"):
+    """braid_backend.patch() for the braid variants (BRAID_VARIANTS: graphs off for braid-eager, a forced
+    decode-layer backend for braid-triton / braid-cupy, the defaults for braid)."""
+    if c.variant not in BRAID_VARIANTS:
         return None
     import braid_backend
 
-    graphs = c.variant == "braid"
-    progress(f"{c.variant}: braid_backend.patch(model, graphs={graphs})")
-    report, patch_s = c.timer(lambda: braid_backend.patch(c.model, graphs=graphs))
-    return {"graphs": graphs, "patch_s": patch_s, "text": str(report), "dict": _to_dict(report)}
+    opts = BRAID_VARIANTS[c.variant]
+    graphs = opts.get("graphs", True)
+    progress(f"{c.variant}: braid_backend.patch(model{''.join(f', {k}={v!r}' for k, v in opts.items())})")
+    report, patch_s = c.timer(lambda: braid_backend.patch(c.model, **opts))
+    return {"graphs": graphs, "patch_s": patch_s, "text": str(report), "dict": _to_dict(report),
+            "backend": getattr(report, "backend", None)}
+
+
+def layer_backend(model, batch: int) -> str | None:
+    """Which backend ran the decode layers of this batch size's bucket ("cupy" / "triton"), where the
+    patch report says (backend "auto" decides per bucket at first use)."""
+    s = getattr(model, "_braid_session", None)
+    rep = getattr(s, "report", None)
+    if rep is None or getattr(rep, "backend", None) is None:
+        return None
+    from braid_backend.runtime.cache import batch_bucket
+
+    return (getattr(rep, "backends", None) or {}).get(batch_bucket(batch)) or (
+        rep.backend if rep.backend != "auto" else None)
 
 
 def run_cold(spec: dict, emit: Emitter) -> None:
@@ -180,7 +199,7 @@ def run_variant(spec: dict, emit: Emitter) -> None:
                 checks[b] = {"batch": b, "error": format_error(e)}
             _free(device)
     ref_tokens = {}
-    if variant in ("hf-static", "braid", "braid-eager") and spec.get("agreement", True):
+    if (variant == "hf-static" or variant in BRAID_VARIANTS) and spec.get("agreement", True):
         ref_tokens = _load_tokens(spec.get("ref_tokens"))   # the stock variant's own output, when it ran first
         for b in batches:
             if b in ref_tokens and tuple(ref_tokens[b].shape) == (b, spec["new_tokens"]):
@@ -228,6 +247,8 @@ def run_variant(spec: dict, emit: Emitter) -> None:
         except Exception as e:
             row.update(status="error", error=format_error(e))
             progress(f"{label}: ERROR {row['error'].splitlines()[-1] if row['error'] else ''}")
+        if patch_info is not None:
+            row["layer_backend"] = layer_backend(model, b)
         # The variant's own logits after its timing, so the check can't pre-warm the first call it measures.
         chk = checks.get(b)
         if chk is not None and "error" not in chk:
