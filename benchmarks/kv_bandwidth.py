@@ -36,14 +36,14 @@ def _time(fn, reps=5):
 
 
 def _attention_us(fn, n) -> tuple[float, list]:
-    """Total device time (us) per call of fn of the kernels whose name says attention, and the names."""
+    """Total device time (us) per call of fn of the attention kernels (split + combine), and their names."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    att = [e for e in ev if "attention" in e.name or "combine" in e.name]
+    att = [e for e in ev if "_attn_" in e.name]   # _attn_split_kernel, _attn_combine_kernel
     return sum(e.device_time for e in att) / n, sorted({e.name[:60] for e in att})
 
 

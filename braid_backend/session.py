@@ -141,6 +141,7 @@ class PatchSession:
 
     def _graph_capture_failed(self, exc: BaseException) -> None:
         self.status.graphs = False
+        log.debug("braid: decode graph capture traceback", exc_info=exc)
         self.warn_once("graphs", f"braid: CUDA graph capture failed ({type(exc).__name__}: {exc}); decode steps "
                                  "run the fused kernels without graphs from now on")
         self._drop_graphs()
@@ -172,6 +173,7 @@ class PatchSession:
     def _prefill_capture_failed(self, exc: BaseException) -> None:
         # decode graphs stay: they were captured (and checked) on their own
         self.status.prefill_graphs = False
+        log.debug("braid: prefill graph capture traceback", exc_info=exc)
         self.warn_once("prefill-graphs", f"braid: prefill graph capture failed ({type(exc).__name__}: {exc}); "
                                          "prompts prefill eagerly from now on")
         if self.prefill is not None:

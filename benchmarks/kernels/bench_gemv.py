@@ -34,6 +34,16 @@ QWEN_SHAPES = [
     dict(name="lm_head", N=151936, K=896, bias=False, norm=True, act=None, residual=False),
 ]
 
+# Llama-3.1-8B: hidden 4096, intermediate 14336, 32 x 128 query heads, 8 KV heads (lm_head left out: it
+# is the batch-1 GEMV's case, and 1 GB of random weights per shape costs the sweep's time)
+LLAMA8B_SHAPES = [
+    dict(name="qkv", N=6144, K=4096, bias=False, norm=True, act=None, residual=False),
+    dict(name="o_proj", N=4096, K=4096, bias=False, norm=False, act=None, residual=True),
+    dict(name="gate_up", N=2 * 14336, K=4096, bias=False, norm=True, act="silu_mul", residual=False),
+    dict(name="down", N=4096, K=14336, bias=False, norm=False, act=None, residual=True),
+]
+SHAPES = {"qwen2.5-0.5b": QWEN_SHAPES, "llama-3.1-8b": LLAMA8B_SHAPES}
+
 # Alternatives tried around the heuristic (a few per path; compile time dominates the sweep).
 GEMV_SWEEP = [
     dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, num_stages=1),
@@ -51,6 +61,20 @@ TC_SWEEP = [
     dict(BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3),
     dict(path="gemv", BLOCK_N=4, BLOCK_K=128, num_warps=8, num_stages=2),  # no tensor cores at all
 ]
+# --wide: deeper K tiles and pipelines for big matrices at batch 3-16 (7-9B models), where the default
+# 16-row tiles with 128-wide K read the weights at about half of copy bandwidth (issue #13's batch sweep)
+TC_SWEEP_WIDE = TC_SWEEP + [
+    dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    dict(path="gemv", BLOCK_N=2, BLOCK_K=256, num_warps=4, num_stages=2),
+    dict(path="gemv", BLOCK_N=4, BLOCK_K=256, num_warps=8, num_stages=3),
+]
+_WIDE = False
 
 
 def _cfg_str(cfg: dict) -> str:
@@ -61,7 +85,7 @@ def _cfg_str(cfg: dict) -> str:
 
 def _candidates(base: dict, M: int) -> list[dict]:
     out, seen = [], {_cfg_str(base)}
-    for alt in (GEMV_SWEEP if base["path"] == "gemv" else TC_SWEEP):
+    for alt in (GEMV_SWEEP if base["path"] == "gemv" else TC_SWEEP_WIDE if _WIDE else TC_SWEEP):
         cfg = dict(base, **alt)
         if cfg["path"] == "gemv":
             if alt.get("path") == "gemv" and base["path"] != "gemv":
@@ -222,8 +246,13 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="time only the heuristic configs")
     ap.add_argument("--budget", type=float, default=45.0,
                     help="seconds for the whole sweep, split over the (shape, batch) slots")
+    ap.add_argument("--shapes", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="whose projections")
+    ap.add_argument("--wide", action="store_true", help="the wider tensor-core sweep (TC_SWEEP_WIDE)")
     args = ap.parse_args(argv)
     import triton
+
+    global _WIDE
+    _WIDE = args.wide
 
     t0 = time.perf_counter()
     copy_gbs = common.copy_bandwidth_gbs()
@@ -231,7 +260,7 @@ def main(argv=None) -> None:
     print(f"{gpu}: device copy bandwidth {copy_gbs:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}")
     print(_HDR)
     batches = tuple(int(b) for b in args.batches.split(","))
-    rows = run(copy_gbs, batches=batches, sweep=not args.no_sweep, budget_s=args.budget)
+    rows = run(copy_gbs, batches=batches, sweep=not args.no_sweep, budget_s=args.budget, shapes=SHAPES[args.shapes])
     print(f"total {time.perf_counter() - t0:.1f}s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
