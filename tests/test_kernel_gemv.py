@@ -145,6 +145,17 @@ def test_wide_tc_tiles():
              seed=3, extra_cfg={"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64})
 
 
+@pytest.mark.parametrize("cfg,opts", [
+    ({"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}, dict(norm=0, act="silu_mul")),
+    ({"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}, dict(norm=0, bias=True)),
+    ({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}, dict(residual="inplace")),
+], ids=["gate_up", "qkv", "down"])
+def test_big_model_tc_tiles(cfg, opts):
+    """The 7-9B batch 3-16 tiles (default_config's big-projection branch) on odd sizes: N and K tails,
+    several K iterations, M padded to 16."""
+    run_case(5, 150, 600, torch.bfloat16, opts, "tc", seed=21, out_pad=3, extra_cfg=dict(cfg, BLOCK_M=16))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 def test_gelu_tanh_large_inputs():
     """GELU-tanh is computed through exp: check saturation regions (|g| large) stay finite/exact."""
@@ -181,6 +192,13 @@ def test_heuristic_choices(monkeypatch):
     assert default_config(16, 896, 896, bf, False, dev)["BLOCK_N"] == 16   # o_proj: no norm prologue
     # batch 3-8 on the H100: tensor-core tiles beat the GEMV path (1.17 vs 1.90 ms/step at batch 8)
     assert [default_config(m, 4864, 896, bf, True, dev)["path"] for m in (1, 2, 3, 8)] == ["gemv", "gemv", "tc", "tc"]
+    # 7-9B projections at batch 3-16 get deeper K tiles (H100 sweep, Llama-3.1-8B shapes); lm_heads and
+    # the small models' projections keep the tiles measured for them
+    assert default_config(4, 14336, 4096, bf, True, dev)["BLOCK_N"] == 128
+    assert default_config(16, 6144, 4096, bf, False, dev, None, True)["BLOCK_K"] == 256
+    assert default_config(8, 4096, 14336, bf, False, dev)[("BLOCK_N")] == 32
+    assert default_config(4, 128256, 4096, bf, False, dev, None, True)["BLOCK_K"] == 128
+    assert default_config(32, 14336, 4096, bf, True, dev)["BLOCK_M"] == 32
     default_config.cache_clear()
     # the interpreter gets few big programs (CPU test speed), still a valid tiling
     cpu = default_config(1, 307, 96, torch.float32, False, torch.device("cpu"))

@@ -243,6 +243,15 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
         return dict(path="gemv", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
                     num_stages=stages)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if block_m == 16 and K >= 2048 and n_out * K >= (1 << 23) and (has_act or n_out < 32768):
+        # 7-9B projections at batch 3-16 (not lm_heads): deeper K tiles. H100 sweep, Llama-3.1-8B shapes
+        # (benchmarks/results/2026-11-26-h100-s6/, gemv-llama8b.json): qkv 54.1 -> 33.4 us, gate_up
+        # 111.6 -> 93.6, down 57.2 -> 51.4, o_proj 20.7 -> 18.1 at batch 4; batch 8 and 16 alike
+        if has_act:
+            return dict(path="tc", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+        if has_norm:
+            return dict(path="tc", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)
+        return dict(path="tc", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
     m_blocks = triton.cdiv(M, block_m)
     block_n = 16
     for bn in (128, 64, 32):  # widest tile that still gives one program per SM
