@@ -85,9 +85,10 @@ if triton is not None:
             ok = ok & in_range
             k = tl.load(k_base + offs[:, None].to(tl.int64) * stride_ks + d[None, :], mask=kv_mask, other=0.0)
             # Padding slots may hold garbage (even NaN) in a reused static cache: p = 0 there, but
-            # 0 * NaN would still poison the PV dot, so masked V rows are never read.
-            v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + d[None, :],
-                        mask=ok[:, None] & dmask[None, :], other=0.0)
+            # 0 * NaN would still poison the PV dot, so masked V rows are zeroed. A select after the
+            # load, not a load mask: the V load then need not wait for the `valid` load.
+            v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.where(ok[:, None], v, 0.0)
 
             if IEEE_DOT:
                 qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -192,11 +193,12 @@ def _block_s(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0, window=0,
-                     num_splits=None, workspace=None) -> torch.Tensor:
+                     num_splits=None, workspace=None, config=None) -> torch.Tensor:
     """out[b, h*D:(h+1)*D] = softmax over attended positions p of (q[b,h] . k[b, h//G, p]) * scale, @ v.
 
     Attended: p < kv_lens[b], valid[b, p] != 0, and p >= kv_lens[b] - window when window > 0.
-    Rows with no attended position give 0. See `decode_attention_reference` for the numerics."""
+    Rows with no attended position give 0. See `decode_attention_reference` for the numerics.
+    config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps."""
     require(q.dim() == 3 and k_cache.dim() == 4, "q must be (M, H, D) and the caches (B, KV, S, D)")
     M, n_heads, head_dim = q.shape
     B_max, n_kv, S_max, hd_k = k_cache.shape
@@ -240,6 +242,11 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
     ieee = DOT_UPCAST or q.dtype == torch.float32
     pdl = pdl_launch_kwargs(q.device)
+    cfg = dict(BLOCK_S=_block_s(block_d), num_warps=4, num_stages=2)
+    if config:
+        unknown = set(config) - set(cfg)
+        require(not unknown, f"unknown decode_attention config keys {sorted(unknown)}")
+        cfg.update(config)
     launch(_attn_split_kernel, (M, n_kv, num_splits))(
         q, q.stride(0), q.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -248,10 +255,10 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         out, out.stride(0),
         wm, wl, wacc, *ws_strides,
         float(scale), float(softcap) if softcap else 1.0, int(window),
-        G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_block_s(block_d),
+        G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=cfg["BLOCK_S"],
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
         IEEE_DOT=ieee, FIX_BF16=fix_bf16,
-        num_warps=4, num_stages=2, **pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if num_splits > 1:
         launch(_attn_combine_kernel, (M, n_heads))(
