@@ -48,11 +48,12 @@ for s in $STAGES; do
         optimum) files=tests/test_optimum.py; sel="-m gpu" ;;
         *) files=$grp; sel="-m gpu" ;;
       esac
+      tlog=$WORK/tests-$(basename "$grp" .py).log   # a group may be a test file path
       BRAID_GPU_JSON=$WORK/gpu_errors.json BRAID_RELIABILITY_JSON=$WORK/reliability.json \
         timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rA --durations=8 $files $sel ${TESTS_K:+-k "$TESTS_K"} \
-        -p no:cacheprovider > "$WORK/tests-$grp.log" 2>&1
-      echo "exit $?" >> "$WORK/tests-$grp.log"
-      grep -E "^(FAILED|ERROR)|passed|failed|^exit" "$WORK/tests-$grp.log" | tail -n 12
+        -p no:cacheprovider > "$tlog" 2>&1
+      echo "exit $?" >> "$tlog"
+      grep -E "^(FAILED|ERROR)|passed|failed|^exit" "$tlog" | tail -n 12
       publish
     done ;;
   kernels)
