@@ -66,10 +66,12 @@ def _case(cfg, M, B, ctx, seed):
 
 
 def _cast(c, dtype):
-    w = {n: (t.to(dtype).contiguous() if t is not None else None) for n, t in c["w"].items()}
+    # copies always: .to(float32) of an fp32 master is the master itself, and every path below writes x
+    # and the caches in place (a shared master made the fp32 reference its own input: update 0)
+    w = {n: (t.to(dtype, copy=True).contiguous() if t is not None else None) for n, t in c["w"].items()}
     cos, sin = _rope_tables(c["S"], c["cfg"][5], dtype)
-    return (w, c["x"].to(dtype).contiguous(), c["k"].to(dtype).contiguous(), c["v"].to(dtype).contiguous(),
-            cos, sin)
+    return (w, c["x"].to(dtype, copy=True).contiguous(), c["k"].to(dtype, copy=True).contiguous(),
+            c["v"].to(dtype, copy=True).contiguous(), cos, sin)
 
 
 def _ref(c, dtype):

@@ -138,3 +138,7 @@ def test_default_num_splits():
         assert S // n >= MIN_SPLIT_LEN
         assert M * KV * n >= 132 or n == S // MIN_SPLIT_LEN
     assert default_num_splits(1, 2, 4096, 132) == 64
+    # batch 2-8: ~8 programs per SM (the 32k sweep's best at batch 8), capped by the cache length
+    assert default_num_splits(8, 8, 33000, 132) == 17
+    assert default_num_splits(8, 2, 33000, 132) == 66
+    assert default_num_splits(8, 2, 1024, 132) == 16

@@ -290,3 +290,26 @@ def test_run_resets_the_cache_when_the_capture_raises():
     assert len(seen) == 1 and cache.seen == 0 and not pg.graphs
     pg.forget(cache.serial)
     assert not pg.used
+
+
+def test_cache_update_returns_the_prompt_states_at_position_0_and_the_prefix_after():
+    """A whole-prompt forward attends its own (projection-layout) key/value states, not the cache view
+    (SDPA is ~3x slower on the view's strides on an H100); both hold the same values. A later chunk
+    attends the cache prefix."""
+    from braid_backend.runtime.cache import BraidCache
+
+    c = BraidCache(2, 2, 3, 64, 8, torch.float32, "cpu")
+    k = torch.randn(2, 5, 3, 8).transpose(1, 2)      # (B, KV, T, D) in the projection's layout
+    v = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    for layer in c.layers:
+        rk, rv = layer.update(k, v)
+        assert rk is k and rv is v
+        assert torch.equal(layer.keys[:, :, :5], k) and torch.equal(layer.values[:, :, :5], v)
+    k2, v2 = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+    rk, rv = c.layers[0].update(k2, v2)
+    assert rk.shape[2] == 6 and torch.equal(rk[:, :, :5], k) and torch.equal(rk[:, :, 5:], k2)
+    assert torch.equal(rv[:, :, 5:], v2)
+    # another dtype than the cache's: the returned states are the cache's (cast) copy
+    c2 = BraidCache(1, 1, 3, 64, 8, torch.bfloat16, "cpu")
+    rk, _ = c2.layers[0].update(k[:1], v[:1])
+    assert rk.dtype == torch.bfloat16 and rk.data_ptr() == c2.k[0].data_ptr()

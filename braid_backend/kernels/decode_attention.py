@@ -166,7 +166,7 @@ if triton is not None:
 def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
     """Splits per (token, kv head): a pure function of shapes, so graph-safe.
 
-    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * sms), ~4 at batch 1, so that decode of
+    Aim for ~2 programs per SM (M * n_kv_heads * splits >= 2 * sms), ~4 at batch 1, ~8 at 2-8, so that decode of
     a long cache is not served by a few programs, but never more splits than the cache has
     MIN_SPLIT_LEN-position pieces; caches shorter than two pieces get 1 split and skip the combine kernel.
     H100, kernel alone (benchmarks/results/2026-11-26-h100-s3/attention-long-run10.json and README):
@@ -176,7 +176,11 @@ def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
     if max_splits <= 1:
         return 1
     programs = max(1, M * n_kv_heads)
-    want = -(-(4 if M == 1 else 2) * sms // programs)
+    # programs per SM: 4 at batch 1; 8 at batch 2-8 (H100 sweep at 32k, kernel alone, 2026-11-26
+    # benchmarks/results/2026-11-26-h100-s6/attn-sweep.json: batch 8 Qwen2.5-0.5B 17 -> 34 splits
+    # 75.5 -> 61.4 us, Llama-3.1-8B 5 -> 20 splits 562.7 -> 400.5 us); 2 above batch 8 (unmeasured)
+    per_sm = 4 if M == 1 else (8 if M <= 8 else 2)
+    want = -(-per_sm * sms // programs)
     return max(1, min(max_splits, want))
 
 def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, device) -> tuple:
