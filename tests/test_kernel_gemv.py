@@ -199,6 +199,9 @@ def test_heuristic_choices(monkeypatch):
     assert default_config(8, 4096, 14336, bf, False, dev)[("BLOCK_N")] == 32
     assert default_config(4, 128256, 4096, bf, False, dev, None, True)["BLOCK_K"] == 128
     assert default_config(32, 14336, 4096, bf, True, dev)["BLOCK_M"] == 32
+    assert default_config(2, 14336, 4096, bf, True, dev)["path"] == "tc"       # 8B batch 2: tiles too
+    assert default_config(2, 8192, 2048, bf, True, dev)["path"] == "gemv"     # 1B batch 2: unchanged
+    assert default_config(1, 14336, 4096, bf, True, dev)["path"] == "gemv"
     default_config.cache_clear()
     # the interpreter gets few big programs (CPU test speed), still a valid tiling
     cpu = default_config(1, 307, 96, torch.float32, False, torch.device("cpu"))
