@@ -150,6 +150,41 @@ def test_cuda_source_compiles_for_sm90(spec, M, tmp_path):
     print(r.stderr[-600:])
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("phase_times", [False, True])
+def test_cuda_source_compiles_with_and_without_phase_times(phase_times, tmp_path):
+    spec, M = LayerSpec(torch.bfloat16, 896, 4864, 14, 2, 64, True, False, False, False), 4   # Qwen2.5-0.5B
+    defines = dict(spec.defines(M), BRAID_PHASE_TIMES=1) if phase_times else spec.defines(M)
+    src = tmp_path / "layer.cu"
+    src.write_text(kernel_source(defines))             # what LayerKernel(..., phase_times=...) hands NVRTC
+    r = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "layer.o"),
+                        "-Xptxas", "-v"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "braid_layer" in r.stderr, r.stderr[-2000:]
+    ptx = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-ptx", str(src), "-o", "-"], capture_output=True,
+                         text=True, timeout=300)
+    assert ptx.returncode == 0, ptx.stderr[-4000:]
+    # the extra kernel argument (the stamp table) exists only in the timed variant
+    params = ptx.stdout.split(".entry braid_layer(")[1].split(")")[0].count(".param")
+    assert params == 33 + int(phase_times), params
+
+
+def test_phase_stats_from_a_stamp_table():
+    # 2 CTAs; stamps in ns: entry, (arrival, release) x 4 barriers, exit
+    t = torch.tensor([[1000, 3000, 5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000],
+                      [2000, 4500, 5000, 6500, 7000, 8500, 9000, 10000, 11000, 13000]], dtype=torch.int64)
+    st = cupy_layer.phase_stats(t)
+    assert st["total_us"] == 12.0 and st["entry_spread_us"] == 1.0 and st["ctas"] == 2
+    p1, p2, p5 = st["phases"][0], st["phases"][1], st["phases"][4]
+    assert p1["work_max_us"] == 2.5 and p1["work_min_us"] == 2.0      # 4500-2000, 3000-1000
+    assert p1["wait_max_us"] == 2.0 and p1["wait_min_us"] == 0.5
+    assert p2["work_max_us"] == 1.5 and p2["wait_max_us"] == 1.0
+    assert p5["wait_max_us"] is None and p5["work_max_us"] == 2.0
+    assert abs(sum(p["span_us"] for p in st["phases"]) - st["total_us"]) < 1e-9
+    with pytest.raises(ValueError):
+        cupy_layer.phase_stats(torch.zeros(2, cupy_layer.PT_SLOTS, dtype=torch.int64))
+
+
 def test_source_has_no_includes():
     # NVRTC gets no include path from CuPy for CUDA headers: the kernel uses none
     assert "#include" not in cupy_layer.SOURCE_PATH.read_text()

@@ -14,6 +14,12 @@
 // Compile-time model constants come as #defines prepended by the launcher: DT_BF16, MROWS, H, I, NH,
 // NKV, HD, WARPS, HAS_BIAS_QKV, HAS_BIAS_O, HAS_BIAS_GU, HAS_BIAS_D.
 // No CUDA headers: conversions are inline PTX (NVRTC needs no include path).
+//
+// Optional BRAID_PHASE_TIMES (diagnostics only; the default build has neither the extra argument nor
+// any timer read beyond the barrier timeout's): the kernel takes one more argument, `ptimes`
+// (gridDim.x, PT_SLOTS) uint64, and thread 0 of each CTA writes %globaltimer (ns) there:
+//   [0] entry, [1 + 2k] arrival at barrier k (after the CTA's __syncthreads), [2 + 2k] release of
+//   barrier k (after the spin), [PT_SLOTS - 1] exit (after the last __syncthreads), k = 0..3.
 
 #define G (NH / NKV)
 #define THREADS (WARPS * 32)
@@ -27,6 +33,18 @@
 #define BAR_EXIT 4
 #define BAR_CNT 8                // bar[8 + m * NKV + g]: split counters of the attention combine
 #define SPIN_TIMEOUT_NS 2000000000ull
+#define NUM_BARRIERS 4
+#define PT_SLOTS (2 * NUM_BARRIERS + 2)
+
+#ifdef BRAID_PHASE_TIMES
+#define PT_PARAM , unsigned long long* ptimes
+#define PT_PASS , ptimes
+#define PT_MARK(i) do { if (threadIdx.x == 0) ptimes[(size_t)blockIdx.x * PT_SLOTS + (i)] = now_ns(); } while (0)
+#else
+#define PT_PARAM
+#define PT_PASS
+#define PT_MARK(i) do { } while (0)
+#endif
 
 typedef unsigned short dt_t;
 
@@ -97,9 +115,10 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Grid barrier number `k` (0..3): arrive on bar[k], spin until every CTA has. Writes of this CTA
 // before it are visible to every CTA after it (threadfence + release/acquire on the counter).
-__device__ void grid_barrier(unsigned* bar, int k) {
+__device__ void grid_barrier(unsigned* bar, int k PT_PARAM) {
   __threadfence();
   __syncthreads();
+  PT_MARK(1 + 2 * k);
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(bar + k, 1u);
@@ -111,6 +130,7 @@ __device__ void grid_barrier(unsigned* bar, int k) {
       if (ld_cg1(bar + BAR_ERR) != 0u) break;
       if (now_ns() - t0 > SPIN_TIMEOUT_NS) { atomicExch(bar + BAR_ERR, 1u); break; }
     }
+    PT_MARK(2 + 2 * k);
     __threadfence();
   }
   __syncthreads();
@@ -237,13 +257,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
     dt_t* attn,                                     // (M, NH*HD)
     dt_t* act,                                      // (M, I)
     float* ws_ml, float* ws_acc, int num_splits,    // (M, NH, S, 2), (M, NH, S, HD) partials
-    unsigned* bar) {
+    unsigned* bar
+#ifdef BRAID_PHASE_TIMES
+    , unsigned long long* ptimes                    // (gridDim.x, PT_SLOTS) globaltimer stamps
+#endif
+    ) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   dt_t* sh = (dt_t*)smem_raw;
   __shared__ float red[WARPS * MROWS + MROWS];
   __shared__ int s_flag;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cta = blockIdx.x, grid = gridDim.x;
+  PT_MARK(0);
 
   // ---------------------------------------------------------------- P1: norm + QKV + RoPE + cache
   {
@@ -297,7 +322,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
       }
     }
   }
-  grid_barrier(bar, 0);
+  grid_barrier(bar, 0 PT_PASS);
 
   // ---------------------------------------------------------------- P2: attention partials + combine
   {
@@ -465,7 +490,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
     }
     prefetch_phase(w_o, NH * HD, H / 2, 2);
   }
-  grid_barrier(bar, 1);
+  grid_barrier(bar, 1 PT_PASS);
 
   // ---------------------------------------------------------------- P3: o_proj + residual
   {
@@ -488,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
     }
     prefetch_phase(w_gu, H, I, 1);
   }
-  grid_barrier(bar, 2);
+  grid_barrier(bar, 2 PT_PASS);
 
   // ---------------------------------------------------------------- P4: norm + gate/up + SiLU * up
   {
@@ -511,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
     }
     prefetch_phase(w_d, I, H / 2, 2);
   }
-  grid_barrier(bar, 3);
+  grid_barrier(bar, 3 PT_PASS);
 
   // ---------------------------------------------------------------- P5: down + residual
   {
@@ -536,6 +561,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) braid_layer(
   }
   // exit: the last CTA out resets the barrier counters (every CTA has passed every barrier by then)
   __syncthreads();
+  PT_MARK(PT_SLOTS - 1);
   if (threadIdx.x == 0) {
     __threadfence();
     const unsigned old = atomicAdd(bar + BAR_EXIT, 1u);

@@ -12,6 +12,10 @@ Launch protocol:
   kern.launch(ws, x, weights..., cache...)   on torch.cuda.current_stream()
   kern.check(ws)                             host sync: did a barrier time out? (first use only)
 
+Diagnostics: LayerKernel(spec, M, device, phase_times=True) compiles the BRAID_PHASE_TIMES variant
+(one extra kernel argument, a (grid, PT_SLOTS) int64 buffer of %globaltimer stamps allocated once);
+after a launch, kern.phase_stats() gives per-phase work / barrier-wait times in microseconds.
+
 No transformers import here (kernels layer). CuPy is optional: `cupy_available` says why not.
 """
 from __future__ import annotations
@@ -36,6 +40,9 @@ SMEM_LIMIT = 227 * 1024 - 1024  # H100 per-block shared memory opt-in maximum, l
 BAR_WORDS = 8            # grid-barrier words before the per-(m, kv head) split counters
 BAR_ERR = 6              # word set by a barrier that timed out (see cupy_layer.cu)
 NVRTC_OPTIONS = ("-std=c++17",)
+NUM_BARRIERS = 4
+PT_SLOTS = 2 * NUM_BARRIERS + 2   # entry, (arrival, release) per barrier, exit (see cupy_layer.cu)
+PHASES = ("P1 norm+qkv+rope+cache", "P2 attention", "P3 o_proj+res", "P4 norm+gate_up+act", "P5 down+res")
 SOURCE_PATH = Path(__file__).with_name("cupy_layer.cu")
 
 
@@ -157,7 +164,7 @@ class LayerWorkspace:
 class LayerKernel:
     """The compiled kernel for one LayerSpec and bucket M on one device."""
 
-    def __init__(self, spec: LayerSpec, M: int, device: torch.device):
+    def __init__(self, spec: LayerSpec, M: int, device: torch.device, phase_times: bool = False):
         why = spec.check() or spec.bucket_reason(M)
         if why:
             raise ValueError(f"CuPy layer kernel: {why}")
@@ -165,8 +172,10 @@ class LayerKernel:
         self.spec, self.M, self.device = spec, M, device
         self.dev_index = device.index if device.index is not None else torch.cuda.current_device()
         self.smem = spec.smem_bytes(M)
+        self.phase_times = phase_times
+        defines = dict(spec.defines(M), BRAID_PHASE_TIMES=1) if phase_times else spec.defines(M)
         with cupy.cuda.Device(self.dev_index):
-            mod = cupy.RawModule(code=kernel_source(spec.defines(M)), options=NVRTC_OPTIONS)
+            mod = cupy.RawModule(code=kernel_source(defines), options=NVRTC_OPTIONS)
             self.fn = mod.get_function("braid_layer")
             self.fn.max_dynamic_shared_size_bytes = self.smem
             sms = torch.cuda.get_device_properties(self.dev_index).multi_processor_count
@@ -176,6 +185,8 @@ class LayerKernel:
                                f"{WARPS * 32} threads)")
         self.grid = sms          # one CTA per SM: co-resident by construction (checked above)
         self._streams: dict = {}
+        # globaltimer stamps (ns, < 2^63: int64 holds them), written by the BRAID_PHASE_TIMES variant only
+        self.times = torch.zeros(self.grid, PT_SLOTS, dtype=torch.int64, device=device) if phase_times else None
 
     def workspace(self, s_max: int) -> LayerWorkspace:
         return LayerWorkspace(self.spec, self.M, s_max, self.grid, self.device)
@@ -205,6 +216,8 @@ class LayerKernel:
                 ptr(cos), ptr(sin), np.int64(cos.stride(0)), ptr(pos), ptr(slots), ptr(kv_lens),
                 ptr(valid), np.int64(valid.stride(0)), ptr(k_cache), ptr(v_cache), np.int64(k_cache.shape[2]),
                 ptr(q_buf), ptr(attn), ptr(act), ptr(ws.ml), ptr(ws.acc), np.int32(ws.num_splits), ptr(ws.bar))
+        if self.phase_times:
+            args += (ptr(self.times),)
         with cupy.cuda.Device(self.dev_index), self._stream():
             self.fn((self.grid,), (WARPS * 32,), args, shared_mem=self.smem)
 
@@ -215,6 +228,50 @@ class LayerKernel:
         if int(bar[BAR_ERR]) != 0 or int(bar[:5].abs().sum()) != 0:
             ws.bar.zero_()
             raise RuntimeError(f"CuPy layer kernel: grid barrier failed (counters {bar[:8].tolist()})")
+
+
+    def phase_stats(self) -> dict:
+        """Host sync; per-phase timing of the last launch (phase_times=True only): see phase_stats()."""
+        if not self.phase_times:
+            raise RuntimeError("LayerKernel was built without phase_times=True")
+        torch.cuda.current_stream(self.device).synchronize()
+        return phase_stats(self.times.cpu())
+
+
+def phase_stats(times: torch.Tensor) -> dict:
+    """Per-phase microseconds from a (num_ctas, PT_SLOTS) globaltimer stamp table (cupy_layer.cu):
+      work_*  = arrival at the phase's closing barrier (or exit, P5) - release of the previous one (or
+                entry, P1), over CTAs: work_max is the slowest CTA, the one the others wait for
+      wait_*  = release - arrival at the phase's closing barrier (min/median/max over CTAs; None for P5)
+      span    = median release of the closing barrier (max exit for P5) - median release of the previous
+                one (min entry for P1): the phase's share of the kernel's wall time (spans sum to total)
+    plus total_us = max exit - min entry, entry_spread_us = max entry - min entry (CTA start skew).
+    %globaltimer's update granularity is GPU-dependent (tens of ns to ~1 us): read sub-us values loosely."""
+    t = times.to(torch.float64)
+    if t.dim() != 2 or t.shape[1] != PT_SLOTS or bool((t <= 0).any()):
+        raise ValueError(f"phase time table must be (ctas, {PT_SLOTS}) of nonzero stamps (did the kernel run?)")
+    t0 = float(t[:, 0].min())
+    t = (t - t0) / 1000.0                                   # us since the first CTA entered
+    entry, exit_ = t[:, 0], t[:, PT_SLOTS - 1]
+    arr = [t[:, 1 + 2 * k] for k in range(NUM_BARRIERS)] + [exit_]
+    rel = [entry] + [t[:, 2 + 2 * k] for k in range(NUM_BARRIERS)]
+    out = []
+    prev_mark = float(entry.min())
+    for i, name in enumerate(PHASES):
+        work = arr[i] - rel[i]
+        row = dict(phase=name, work_max_us=float(work.max()), work_median_us=float(work.median()),
+                   work_min_us=float(work.min()), wait_min_us=None, wait_median_us=None, wait_max_us=None)
+        if i < NUM_BARRIERS:
+            wait = rel[i + 1] - arr[i]
+            row.update(wait_min_us=float(wait.min()), wait_median_us=float(wait.median()),
+                       wait_max_us=float(wait.max()))
+            mark = float(rel[i + 1].median())
+        else:
+            mark = float(exit_.max())
+        row["span_us"] = mark - prev_mark
+        prev_mark = mark
+        out.append(row)
+    return dict(total_us=float(exit_.max()), entry_spread_us=float(entry.max()), ctas=int(t.shape[0]), phases=out)
 
 
 def _blocks_per_sm(cupy, fn, threads: int, smem: int) -> int:
