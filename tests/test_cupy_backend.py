@@ -42,7 +42,7 @@ def test_backend_option_validated(bad):
 
 
 def test_backend_option_default_and_choices():
-    assert PatchOptions().backend == "auto"
+    assert PatchOptions().backend == "triton"
     for b in ("auto", "triton", "cupy"):
         assert PatchOptions.from_kwargs(backend=b).backend == b
 
@@ -115,7 +115,7 @@ def test_backend_cupy_strict_raises():
 def test_backend_auto_without_cupy_is_triton_with_log_line(caplog):
     model = build_model("tiny-qwen2", dtype=torch.bfloat16, seed=4, **QWEN2_64)
     with caplog.at_level(logging.INFO, logger="braid_backend"):
-        rep = braid_backend.patch(model)
+        rep = braid_backend.patch(model, backend="auto")
     assert rep.ok and rep.backend == "triton" and rep.options["backend"] == "auto"
     assert "backend auto: CuPy layer kernel not used" in caplog.text
     assert "decode layers: triton" in str(rep)

@@ -269,7 +269,7 @@ def test_cupy_step_graph_replay_equals_eager():
 
 def test_auto_picks_a_backend_and_reports_it():
     model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=4)
-    rep = braid_backend.patch(model)     # backend="auto"
+    rep = braid_backend.patch(model, backend="auto")
     assert rep.backend == "auto", str(rep)
     ids = random_tokens(model.config.vocab_size, 1, 30, 9, "cuda")
     model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0)

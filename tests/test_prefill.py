@@ -313,3 +313,17 @@ def test_cache_update_returns_the_prompt_states_at_position_0_and_the_prefix_aft
     c2 = BraidCache(1, 1, 3, 64, 8, torch.bfloat16, "cpu")
     rk, _ = c2.layers[0].update(k[:1], v[:1])
     assert rk.dtype == torch.bfloat16 and rk.data_ptr() == c2.k[0].data_ptr()
+
+
+def test_long_prompts_prefill_eagerly():
+    """Above 4096 padded tokens the captured prefill loses to the eager one (transformers builds an
+    explicit causal mask under capture): such prompts never capture."""
+    from braid_backend.runtime.prefill import PREFILL_TOKEN_CAP
+
+    assert PREFILL_TOKEN_CAP == 4096
+    pg = PrefillGraphs()
+    cache = SimpleNamespace(seen=0, batch_capacity=2, max_len=16384)
+    assert pg.reason(cache, 1, 4096) is None
+    assert "cap 4096" in pg.reason(cache, 1, 4097)     # bucket 4608
+    assert "cap 4096" in pg.reason(cache, 2, 2049)     # 2 x 2304
+    assert pg.reason(cache, 2, 2048) is None

@@ -40,7 +40,7 @@ INTERPRET_NOTE = ("TRITON_INTERPRET=1 in the variant subprocesses: Triton kernel
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Variants that get a teacher-forced logits check against the fp32 reference.
 CHECKED = ("stock", "braid", "braid-eager", "braid-triton", "braid-cupy")
-# braid variants: patch() options (braid = the defaults, backend "auto")
+# braid variants: patch() options (braid = the defaults: backend "triton")
 BRAID_VARIANTS = {"braid": {}, "braid-eager": {"graphs": False}, "braid-triton": {"backend": "triton"},
                   "braid-cupy": {"backend": "cupy"}}
 

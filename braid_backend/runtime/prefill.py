@@ -25,7 +25,12 @@ from .cache import round_up
 
 log = logging.getLogger("braid_backend")
 
-PREFILL_TOKEN_CAP = 8192   # B * Tb above this runs eager: the graph pool keeps the largest bucket's activations
+# B * Tb above this runs eager. Two reasons: the graph pool keeps the largest bucket's activations, and
+# under stream capture transformers (5.17) does not skip the causal mask (is_tracing() includes
+# capturing), so the captured forward gives SDPA an explicit (Tb, Tb) mask without GQA: ~3x the eager
+# attention time. On an H100 (Qwen2.5-0.5B, TTFT, benchmarks/results/2026-11-26-h100-s6/runE) graph vs
+# eager vs stock: 4096 tokens 23.1 / 33.2 / 18.8 ms, 6144 37.3 / 26.7 / 27.8, 8192 52.8 / 37.9 / 33.4.
+PREFILL_TOKEN_CAP = 4096
 MIN_STEP = 64
 
 
