@@ -293,9 +293,8 @@ def test_run_resets_the_cache_when_the_capture_raises():
 
 
 def test_cache_update_returns_the_prompt_states_at_position_0_and_the_prefix_after():
-    """A whole-prompt forward attends its own (projection-layout) key/value states, not the cache view
-    (SDPA is ~3x slower on the view's strides on an H100); both hold the same values. A later chunk
-    attends the cache prefix."""
+    """A whole-prompt forward attends its own (projection-layout) key/value states, as stock's dynamic
+    cache does, not the cache view; both hold the same values. A later chunk attends the cache prefix."""
     from braid_backend.runtime.cache import BraidCache
 
     c = BraidCache(2, 2, 3, 64, 8, torch.float32, "cpu")

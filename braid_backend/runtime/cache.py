@@ -73,10 +73,11 @@ class BraidLayer(CacheLayerMixin):
         if self.idx == o.num_layers - 1:
             o.seen = start + q
         if start == 0 and key_states.dtype == self.keys.dtype and value_states.dtype == self.values.dtype:
-            # a whole prompt in one forward: attend the states themselves, as stock's dynamic cache
-            # does. Same values as the cache prefix, but in the projection's layout: SDPA's cuDNN flash
-            # kernel ran ~3x slower on the cache view's (max_len-strided) layout (H100, Qwen2.5-0.5B,
-            # 8192-token prefill: 935 vs 298 us per layer), which made braid's TTFT at 8192 worse than stock's
+            # a whole prompt in one forward: attend the states themselves, as stock's dynamic cache does
+            # (same values as the cache prefix, the projection's layout). H100, Qwen2.5-0.5B, 8192-token
+            # eager prefill with this: SDPA 7.2 ms, as stock (results/2026-11-26-h100-s6 runE); on the
+            # cache view the eager TTFT had been 53 vs 35 ms (runA, not profiled). The 3x slower SDPA seen
+            # at first was the captured prefill's explicit mask (runtime/prefill.py), not this layout.
             return key_states, value_states
         return self.keys[:B, :, :start + q], self.values[:B, :, :start + q]
 
