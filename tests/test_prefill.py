@@ -326,3 +326,49 @@ def test_long_prompts_prefill_eagerly():
     assert "cap 4096" in pg.reason(cache, 1, 4097)     # bucket 4608
     assert "cap 4096" in pg.reason(cache, 2, 2049)     # 2 x 2304
     assert pg.reason(cache, 2, 2048) is None
+
+
+def test_maskless_prefill_eligibility():
+    from braid_backend.hf.causal_mask import maskless_reason
+
+    for fam in ("tiny-llama", "tiny-qwen2"):
+        m = build_model(fam, dtype=torch.float32, seed=1)
+        assert m.config._attn_implementation == "sdpa"
+        assert maskless_reason(m) is None, fam
+    g2 = build_model("tiny-gemma2", dtype=torch.float32, seed=1)   # sliding windows, eager attention
+    assert maskless_reason(g2) is not None
+    q = build_model("tiny-qwen2", dtype=torch.float32, seed=1)
+    q.config.use_sliding_window, q.config.sliding_window = True, 8
+    assert "sliding" in maskless_reason(q)
+
+
+@torch.no_grad()
+def test_captured_prefill_gets_no_mask(monkeypatch):
+    """Under CUDA stream capture transformers counts as tracing and builds an explicit causal mask
+    (simulated here: masking_utils.is_tracing -> True). The prefill forward hands SDPA no mask and
+    is_causal=True instead, with the same logits, and leaves the model's attention setting as it was."""
+    import transformers.integrations.sdpa_attention as sa
+    import transformers.masking_utils as mu
+
+    model = build_model("tiny-llama", dtype=torch.float32, seed=5)
+    assert braid_backend.patch(model).ok
+    s = model._braid_session
+    ids = toks(model, 2, 40, 3)
+    want = _stock_prefill(model, s.new_cache(2, 256), ids)
+    seen = []
+    orig = sa.torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *a, **kw):
+        seen.append((attn_mask is None, kw.get("is_causal")))
+        return orig(q, k, v, attn_mask, *a, **kw)
+
+    monkeypatch.setattr(sa.torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)
+    # without the fix HF gives a mask here: the situation the fix is for
+    model.model(input_ids=ids, use_cache=False)
+    assert seen and not any(none for none, _ in seen)
+    seen.clear()
+    got = _padded(model, s.new_cache(2, 256), ids)
+    assert seen and all(none and causal for none, causal in seen), seen
+    assert rel_err(got, want) < 1e-5
+    assert model.config._attn_implementation == "sdpa"

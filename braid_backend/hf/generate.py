@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -22,6 +23,7 @@ from ..runtime.graphs import GraphCaptureFailed
 from ..runtime.loop import decode_tokens
 from ..runtime.prefill import prefill_bucket
 from ..session import PatchSession
+from .causal_mask import causal_without_mask, maskless_reason
 from .compat import cache_kwarg_name, stock_forward, stock_generate
 from .forward import maybe_verify
 from .select import max_length_of, select_config
@@ -254,10 +256,14 @@ def prefill_forward(model, cache, key: str):
     the causal / sliding-window mask on the device, never reading a mask on the host (which a capture
     forbids); logits_to_keep as a 1-element device index keeps the last real position of any T."""
     fwd = stock_forward(model)
+    # the padded prompt has no padding before its end and the cache is empty: no mask is the exact
+    # answer, and HF would otherwise build an explicit one under capture (hf/causal_mask.py)
+    maskless = maskless_reason(model) is None
 
     def forward(ids, pos, keep):
-        return fwd(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=True, logits_to_keep=keep,
-                   **{key: cache}).logits
+        with causal_without_mask(model) if maskless else contextlib.nullcontext():
+            return fwd(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=True,
+                       logits_to_keep=keep, **{key: cache}).logits
 
     return forward
 

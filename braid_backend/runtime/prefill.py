@@ -30,6 +30,8 @@ log = logging.getLogger("braid_backend")
 # capturing), so the captured forward gives SDPA an explicit (Tb, Tb) mask without GQA: ~3x the eager
 # attention time. On an H100 (Qwen2.5-0.5B, TTFT, benchmarks/results/2026-11-26-h100-s6/runE) graph vs
 # eager vs stock: 4096 tokens 23.1 / 33.2 / 18.8 ms, 6144 37.3 / 26.7 / 27.8, 8192 52.8 / 37.9 / 33.4.
+# Since then hf/causal_mask.py gives the captured forward no mask where that is exact (full-attention
+# SDPA models); GPU-unmeasured, so the cap stays until a run shows where graphs stop paying.
 PREFILL_TOKEN_CAP = 4096
 MIN_STEP = 64
 
