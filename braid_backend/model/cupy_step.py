@@ -17,7 +17,6 @@ import logging
 import torch
 
 from ..kernels.cupy_layer import LayerKernel, LayerSpec, LayerWorkspace, cupy_available, in_dry_run, layer_reference
-from ..kernels.fused_gemv import fused_gemv
 from .spec import ModelPlan
 from .step import DecodeStep, StepBuffers, _w
 
@@ -173,11 +172,7 @@ class CupyDecodeStep(DecodeStep):
             else:
                 nxt = self.layers[i + 1].w_qkv if i + 1 < n else None
                 self.kernels[b.M].launch(b.cupy_ws, b.x, next_w_qkv=nxt, q_buf=b.q, attn=b.attn, act=b.act, **w)
-        # final norm + lm_head: DecodeStep.run's tail for the models eligible here (one device, no
-        # logits scaling or soft-capping)
-        fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps, norm_mode=p.spec.norm_mode,
-                   norm_offset=p.spec.norm_offset, out=b.logits)
-        return b.logits
+        return self._head(b)
 
     # -- first use of a bucket: compile, check against Triton, (auto) time both ---------------------
     def _first_use(self, cache, b: StepBuffers) -> None:

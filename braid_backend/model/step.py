@@ -335,7 +335,12 @@ class DecodeStep:
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
                        norm_mode=nm, norm_offset=no, act=p.act, out=b.act)
             self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
-        tp = self.tp
+        return self._head(b)
+
+    def _head(self, b: StepBuffers) -> torch.Tensor:
+        """logits = final norm + lm_head of b.x [/ logits_scaling] [soft-cap], gathered under TP."""
+        p, tp = self.plan, self.tp
+        nm, no = p.spec.norm_mode, p.spec.norm_offset
         lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
         fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
                    norm_mode=nm, norm_offset=no, out=lm_out)
