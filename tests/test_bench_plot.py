@@ -46,8 +46,11 @@ def test_plot_every_variant_labels_inside(tiny_run):
     fig = report.figure(tiny_run["doc"])
     bars, lines = fig.axes
     assert _legend(bars) == VARIANTS
-    # a variant's name, then what it lacks: "crash (b=2 crashed)", "stock: no values (below noise)" on a busy CPU
-    assert [re.split(r"[ :]", t)[0] for t in _legend(lines)] == VARIANTS and "crash (b=2 crashed)" in _legend(lines)
+    # a variant's name, then what it lacks: "crash (b=2 crashed)", "stock: no values (below noise)" on a busy
+    # CPU; there the crash variant's batch 1 can be below noise too: "crash: no values (below noise, crashed)"
+    assert [re.split(r"[ :]", t)[0] for t in _legend(lines)] == VARIANTS
+    crash = [t for t in _legend(lines) if t.startswith("crash")]
+    assert len(crash) == 1 and ("b=2 crashed" in crash[0] or crash[0].endswith("crashed)")), crash
     assert any(t.get_text() == "crash: crashed" for t in bars.texts)
     assert lines.get_xscale() == "log" and lines.xaxis.get_transform().base == 2
     assert list(lines.get_xticks()) == [1, 2]
