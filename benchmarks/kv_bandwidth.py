@@ -21,18 +21,7 @@ import torch
 import braid_backend
 from braid_backend.bench.probe import probe
 from braid_backend.testing.presets import build_model
-
-
-def _time(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+from step_breakdown import _time   # sibling script (benchmarks/ is on sys.path when run as a script)
 
 
 def _attention_us(fn, n) -> tuple[float, list]:

@@ -8,15 +8,14 @@ call (profiler), and what HF decided for the attention mask (transformers.maskin
 _ignore_causal_mask_sdpa's answers, and the mask / is_causal SDPA received), logged per call."""
 import collections
 import logging
-import statistics
 import sys
-import time
 
 import torch
 
 import braid_backend
 from braid_backend.testing.numerics import random_tokens
 from braid_backend.testing.presets import build_model
+from ttft_profile import ttft   # sibling script (benchmarks/ is on sys.path when run as a script)
 
 SEEN = collections.Counter()
 
@@ -44,18 +43,6 @@ def _spy():
     sa.torch.nn.functional.scaled_dot_product_attention = sdpa
 
 
-def ttft(model, ids, reps=5):
-    kw = dict(max_new_tokens=1, do_sample=False, pad_token_id=0)
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, **kw)
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def sdpa_ms(model, ids):
     from torch.profiler import ProfilerActivity, profile
 
@@ -72,7 +59,7 @@ def report(tag, model, ids):
     for _ in range(3):   # braid with graphs: first use eager, second captures, third replays
         model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
     decisions = dict(SEEN)
-    t = ttft(model, ids)
+    t = ttft(model, ids, reps=5)
     try:
         a, tot = sdpa_ms(model, ids)
     except Exception as e:  # the profiler is a diagnostic
