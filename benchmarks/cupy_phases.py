@@ -36,24 +36,12 @@ from braid_backend.kernels.cupy_layer import PHASES, LayerKernel
 from braid_backend.kernels.decode_attention import decode_attention
 from braid_backend.kernels.fused_gemv import fused_gemv
 from braid_backend.kernels.rope_cache import rope_qkv_cache_write
-from braid_backend.model.cupy_step import CupyDecodeStep
+from braid_backend.model.cupy_step import CupyDecodeStep, _events
 from braid_backend.model.step import _w
 from braid_backend.runtime.cache import BraidCache
 from braid_backend.runtime.interface import fill_inputs
 from braid_backend.testing.numerics import random_tokens
 from braid_backend.testing.presets import build_model
-
-
-def _events_ms(fn, reps: int) -> float:
-    s = torch.cuda.current_stream()
-    a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    a.record(s)
-    for _ in range(reps):
-        fn()
-    z.record(s)
-    z.synchronize()
-    return a.elapsed_time(z) / reps
 
 
 def _graph_us(fn, reps: int) -> float:
@@ -69,7 +57,7 @@ def _graph_us(fn, reps: int) -> float:
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
-    t = _events_ms(g.replay, 3) * 1000.0 / reps
+    t = _events(g.replay, reps=3) * 1000.0 / reps
     del g
     return t
 

@@ -223,13 +223,14 @@ def _time(fn, device) -> float:
     return t
 
 
-def _events(fn, device) -> float:
+def _events(fn, device=None, reps: int = TIMING_REPS) -> float:
+    """ms per call of fn: one untimed call, then `reps` calls between two CUDA events."""
     s = torch.cuda.current_stream(device)
     a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     a.record(s)
-    for _ in range(TIMING_REPS):
+    for _ in range(reps):
         fn()
     z.record(s)
     z.synchronize()
-    return a.elapsed_time(z) / TIMING_REPS
+    return a.elapsed_time(z) / reps
