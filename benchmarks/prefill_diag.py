@@ -1,6 +1,6 @@
 """Why a long prompt's prefill is slower than stock (GPU diagnostic, issue #13 TTFT at 8192).
 
-    python benchmarks/prefill_diag.py [preset] [--len 8192]
+    python benchmarks/prefill_diag.py [preset] [--len 8192] [--cap N]
 
 For stock, braid with eager prefill (prefill_graphs=False) and braid with prefill graphs: TTFT
 (generate(max_new_tokens=1), warm, median of 5), the summed device time of the SDPA kernels in one
@@ -73,6 +73,8 @@ def report(tag, model, ids):
 def main(argv):
     preset = argv[0] if argv and not argv[0].startswith("--") else "qwen2.5-0.5b"
     T = int(argv[argv.index("--len") + 1]) if "--len" in argv else 8192
+    # --cap: the prefill graph's token cap for this run (to measure graphs above the default cap)
+    cap = int(argv[argv.index("--cap") + 1]) if "--cap" in argv else None
     torch.set_grad_enabled(False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("braid_backend").setLevel(logging.DEBUG)
@@ -85,7 +87,9 @@ def main(argv):
     braid_backend.patch(model, prefill_graphs=False, backend="triton")
     report("braid eager prefill", model, ids)
     braid_backend.patch(model, backend="triton")
-    report("braid graph prefill", model, ids)
+    if cap is not None:
+        model._braid_session.prefill_graphs().token_cap = cap
+    report(f"braid graph prefill (cap {cap or 'default'})", model, ids)
     print(braid_backend.status(model), flush=True)
 
 

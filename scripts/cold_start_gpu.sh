@@ -3,6 +3,8 @@
 #   pre1: empty TRITON_CACHE_DIR, BRAID_PRECOMPILE=1 (kernels compiled in parallel worker processes)
 #   pre0: empty TRITON_CACHE_DIR, BRAID_PRECOMPILE=0 (compiled one after another, as before)
 #   warm: pre1's cache dir kept (every variant on disk), BRAID_PRECOMPILE=1
+#   warmprof (PROFILE_WARM=1 only): warm again under cProfile (times inflated); the top functions by
+#     cumulative and own time go to $OUT/warmprof.prof.txt: where the warm first call spends its second
 # each in its own process under `timeout`. Prints one JSON line per case (also $OUT/<case>.json) and
 # checks that the three generated the same tokens (exit 1 if not) and that pre1's warm-up compiled
 # nothing the precompile missed (jit_post_compile_hook after it: compiled_after_precompile; a WARN line if any).
@@ -21,9 +23,9 @@ ROOT=$(mktemp -d /tmp/braid-cold.XXXXXX)
   python3 -c "import torch,transformers,triton;print('torch',torch.__version__,'transformers',transformers.__version__,'triton',triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-run_case() {  # run_case <name> <BRAID_PRECOMPILE> <cache dir>
+run_case() {  # run_case <name> <BRAID_PRECOMPILE> <cache dir> [profile]
   echo "=== $1 (BRAID_PRECOMPILE=$2, TRITON_CACHE_DIR=$3)" >&2
-  CASE=$1 BRAID_PRECOMPILE=$2 TRITON_CACHE_DIR=$3 timeout "$LIM" python3 - "$OUT/$1.json" \
+  CASE=$1 BRAID_PRECOMPILE=$2 TRITON_CACHE_DIR=$3 PROFILE=${4:-} timeout "$LIM" python3 - "$OUT/$1.json" \
     > "$OUT/$1.log" 2>&1 <<'PY'
 import json, logging, os, sys, time
 
@@ -90,13 +92,28 @@ ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).cuda()
 kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
           pad_token_id=0)
 before = files()
+prof = None
+if os.environ.get("PROFILE"):
+    import cProfile
+    prof = cProfile.Profile()
 torch.cuda.synchronize()
+if prof is not None:
+    prof.enable()
 t0 = time.perf_counter()
 report = braid_backend.patch(model)
 t1 = time.perf_counter()
 out = model.generate(ids, **kw)
 torch.cuda.synchronize()
 t2 = time.perf_counter()
+if prof is not None:
+    import io
+    import pstats
+    prof.disable()
+    with open(sys.argv[1].replace(".json", ".prof.txt"), "w") as f:
+        for key, n in (("cumulative", 90), ("tottime", 40)):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(n)
+            f.write(s.getvalue())
 end = files()
 out2 = model.generate(ids, **kw)
 torch.cuda.synchronize()
@@ -129,6 +146,7 @@ PY
 run_case pre1 1 "$ROOT/pre1"
 run_case pre0 0 "$ROOT/pre0"
 run_case warm 1 "$ROOT/pre1"
+[ -n "${PROFILE_WARM:-}" ] && run_case warmprof 1 "$ROOT/pre1" 1
 
 python3 - "$OUT" <<'PY'
 import json, os, sys
