@@ -397,6 +397,45 @@ def test_recorder_passes_other_threads_to_the_previous_hook():
     assert rec(fn=bad, compile={}, key="k") is True and rec.errors and not rec.specs
 
 
+def test_recorder_parses_each_kernel_device_and_key_once(monkeypatch):
+    parsed = []
+    monkeypatch.setattr(pc, "spec_from_hook", lambda jit_fn, info, key=None: parsed.append((jit_fn, key)) or key)
+    rec = pc.Recorder()
+    a, b = (types.SimpleNamespace(jit_function=object(), name=n) for n in "ab")
+    for fn, dev, key in [(a, 0, "k1"), (a, 0, "k1"), (a, 0, "k2"), (b, 0, "k1"), (a, 1, "k1"), (a, 0, "k2"),
+                         (a, 0, ("k", 3)), (a, 0, ("k", 3)), (a, 0, None), (a, 0, None), (a, 0, ["x"]), (a, 0, ["x"])]:
+        assert rec(fn=fn, compile={"device": dev}, key=key) is True
+    # each distinct (kernel, device, key) once; no key, or an unhashable one, every time (as before)
+    assert rec.specs == ["k1", "k2", "k1", "k1", ("k", 3), None, None, ["x"], ["x"]], rec.specs
+    assert len(parsed) == 9
+    # a variant that cannot be recorded is reported once, not at each of its launches
+    def unparsable(*a, **kw):
+        raise KeyError("x")
+
+    monkeypatch.setattr(pc, "spec_from_hook", unparsable)
+    rec = pc.Recorder()
+    for _ in range(3):
+        rec(fn=a, compile={"device": 0}, key="k")
+    assert len(rec.errors) == 1 and not rec.specs
+
+
+def test_dry_run_parses_a_repeated_launch_once_and_records_every_variant(fake_gpu, monkeypatch):
+    parsed = []
+    real = pc.spec_from_hook
+    monkeypatch.setattr(pc, "spec_from_hook", lambda *a, **kw: parsed.append(1) or real(*a, **kw))
+    k, k2 = _jitted(), _jitted()
+
+    def body():
+        for _ in range(5):
+            launch(k, (1,))(*_args(), BLOCK=64, SCALE=2.0)
+            launch(k, (1,))(*_args(), BLOCK=32, SCALE=2.0)
+            launch(k2, (1,))(*_args(), BLOCK=64, SCALE=2.0)   # another kernel with an equal key
+
+    rec = pc.record(body)
+    assert len(parsed) == 3 and len(rec.specs) == 3 and not rec.errors
+    assert len({s.ident() for s in rec.specs}) == 2   # k2's variant is k's (same source): one compile
+
+
 # ----------------------------------------------------------------------------- GraphRunner's switch
 
 def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_env(monkeypatch):
@@ -412,6 +451,85 @@ def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_env(monk
     graphs.GraphRunner._precompile(runner, graphs.GraphKey(2, 0, 0, 64, "hf-step"), "body")
     graphs.GraphRunner._precompile(runner, graphs.GraphKey(1, 0, 0, 64, ("fast", 8)), "body")
     assert len(calls) == 3
+
+
+class _CountingStep:
+    """A DecodeStep without kernels that logs the slot of each run (the runner only needs the protocol)."""
+    device, vocab = torch.device("cpu"), 16
+
+    def __init__(self):
+        self.slots = []
+
+    def prepare(self, max_len):
+        pass
+
+    def new_buffers(self, M, max_len):
+        z = lambda dt=torch.long: torch.zeros(M, dtype=dt)   # noqa: E731
+        return types.SimpleNamespace(M=M, max_len=max_len, ids=z(), pos=z(), slots=z(), kv_lens=z(torch.int32),
+                                     logits=torch.zeros(M, self.vocab))
+
+    def run(self, cache, b):
+        self.slots.append(int(b.slots[0]))
+        return b.logits
+
+    def agree(self, tokens):
+        pass
+
+
+def test_fast_loop_capture_dry_runs_one_step_and_warms_up_and_captures_all_k(monkeypatch):
+    """GraphRunner._capture and FastLoop on the CPU, CUDA's stream/graph calls stubbed: the precompile's
+    dry run gets one primed step of the K-step body; warm-up (2 runs) and capture run all K."""
+    import contextlib
+
+    from braid_backend.runtime.loop import FastLoop
+    from braid_backend.runtime.sampling import SelectConfig
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, value in [("Stream", lambda: stream), ("current_stream", lambda *a: stream),
+                        ("stream", contextlib.nullcontext), ("graph", lambda g, pool=None: contextlib.nullcontext()),
+                        ("CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None)),
+                        ("graph_pool_handle", lambda: "pool"), ("get_rng_state", lambda dev=None: None),
+                        ("set_rng_state", lambda state, dev=None: None)]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    step, dry = _CountingStep(), []
+
+    def fake_precompile(body):
+        n = len(step.slots)
+        body()
+        dry.append(step.slots[n:])
+        return {"skipped": "stub"}
+
+    monkeypatch.setattr(graphs._precompile, "precompile", fake_precompile)
+    monkeypatch.delenv("BRAID_PRECOMPILE", raising=False)
+    runner, K, max_len = graphs.GraphRunner(step), 4, 32
+    cache = types.SimpleNamespace(serial=1, version=0, max_len=max_len, valid=torch.zeros(2, max_len, dtype=torch.int8))
+    FastLoop(step, runner, cache, 2, K, SelectConfig(do_sample=True))
+    first = max_len - K
+    assert dry == [[first]], dry                            # one step, at the primed slot
+    assert step.slots[1:] == list(range(first, max_len)) * 3   # 2 warm-ups + the capture, K steps each
+    # the one-step body (HF's loop) has no dry body of its own: its body is the dry run
+    dry.clear()
+    runner.step_once(cache, 2, torch.zeros(2, dtype=torch.long), None, 3)
+    assert dry == [[max_len - 1]] and runner.captures == 2
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 3])
+def test_one_greedy_step_records_every_variant_of_the_k_step_body(fake_gpu, monkeypatch, bucket):
+    """What makes the one-step dry run enough: through Triton's own binder, the K steps of the fused
+    greedy body launch exactly step 0's variants (with unaligned ring rows they did not: 3-4 vs 2)."""
+    from braid_backend.kernels import greedy_select as gs
+    from braid_backend.runtime.loop import FastLoop
+    from braid_backend.runtime.sampling import SelectConfig
+
+    for name in ("_block_argmax_kernel", "_finish_kernel"):   # compilable kernels, not the interpreter's
+        monkeypatch.setattr(gs, name, JITFunction(getattr(gs, name).fn))
+    step = _CountingStep()
+    step.vocab = 5000   # two vocabulary blocks
+    cache = types.SimpleNamespace(valid=torch.zeros(bucket, 32, dtype=torch.int8), max_len=32)
+    loop = FastLoop(step, None, cache, bucket, 8, SelectConfig(do_sample=False, eos=(2,)))
+    assert loop.greedy is not None
+    variants = [{s.ident() for s in pc.record(lambda: loop._body(cache, loop.bufs, steps=n)).specs} for n in (1, 8)]
+    assert len(variants[0]) == 2 and variants[0] == variants[1]
 
 
 def test_warm_triton_key_runs_it_in_a_thread_only_where_something_compiles(monkeypatch):
@@ -431,3 +549,42 @@ def test_warm_triton_key_runs_it_in_a_thread_only_where_something_compiles(monke
         pytest.skip(pc.unavailable_reason())
     t.join(10)
     assert calls == ["braid-triton-key"]
+
+
+def test_join_triton_key_waits_for_the_thread_and_is_bounded(monkeypatch):
+    monkeypatch.setattr(pc, "_KEY_THREAD", None)
+    t0 = time.perf_counter()
+    assert pc.join_triton_key(30) is True and time.perf_counter() - t0 < 0.5   # nothing started
+    go, finished = threading.Event(), []
+    t = threading.Thread(target=lambda: (go.wait(30), time.sleep(0.3), finished.append(1)), daemon=True)
+    t.start()
+    monkeypatch.setattr(pc, "_KEY_THREAD", t)
+    t0 = time.perf_counter()
+    assert pc.join_triton_key(0.2) is False and 0.15 < time.perf_counter() - t0 < 5   # bounded
+    go.set()
+    assert pc.join_triton_key(30) is True and finished == [1]   # waited for the rest of its work
+    t0 = time.perf_counter()
+    assert pc.join_triton_key(30) is True and time.perf_counter() - t0 < 0.5   # finished: at once
+
+
+def test_precompile_joins_the_background_triton_key_before_its_disk_check(fake_gpu, monkeypatch):
+    """The disk check (cached_on_disk, a cold cache here) needs triton_key: the main thread waits for
+    the background thread's value instead of computing it a second time alongside."""
+    import triton.runtime.cache as tcache
+
+    calls, value = [], []
+
+    def slow_key():   # what lru_cache does: a caller that finds no value computes it
+        if not value:
+            calls.append(threading.current_thread().name)
+            time.sleep(0.5)
+            value.append("key")
+        return value[0]
+
+    monkeypatch.setattr(tcache, "triton_key", slow_key)
+    monkeypatch.setattr(pc, "_KEY_THREAD", None)
+    t = pc.warm_triton_key()
+    assert t is not None and pc.warm_triton_key() is t   # still running: not started twice
+    s = pc.precompile(lambda: launch(_jitted(), (1,))(*_args(), BLOCK=64, SCALE=2.0), workers=1)
+    assert (s["found"], s["compiled"], s["failed"]) == (1, 1, []), s
+    assert calls == ["braid-triton-key"], calls

@@ -70,19 +70,21 @@ class GraphRunner:
         for k in [k for k in self.graphs if k.cache_serial == cache_serial]:
             del self.graphs[k]
 
-    def capture(self, key: GraphKey, cache, body, warm_slots: int = 1) -> CapturedStep:
-        """Capture `body(bufs)` (one or more decode steps on the buffers) under `key`, once."""
+    def capture(self, key: GraphKey, cache, body, warm_slots: int = 1, dry_body=None) -> CapturedStep:
+        """Capture `body(bufs)` (one or more decode steps on the buffers) under `key`, once.
+        `dry_body(bufs)`, if given, stands in for body in the precompile's dry run (see _precompile):
+        a shorter body that launches the same kernel variants (the K-step loop passes one step)."""
         got = self.graphs.get(key)
         if got is not None:
             return got
         try:
-            return self._capture(key, cache, body, warm_slots)
+            return self._capture(key, cache, body, warm_slots, dry_body)
         except Exception as e:
             if self.on_failure is not None:
                 self.on_failure(e)
             raise GraphCaptureFailed(f"CUDA graph capture failed: {type(e).__name__}: {e}") from e
 
-    def _capture(self, key: GraphKey, cache, body, warm_slots: int) -> CapturedStep:
+    def _capture(self, key: GraphKey, cache, body, warm_slots: int, dry_body=None) -> CapturedStep:
         # graphs of this cache's older buffers can never replay again
         for k in [k for k in self.graphs if k.cache_serial == key.cache_serial and k.cache_version != key.cache_version]:
             del self.graphs[k]
@@ -107,7 +109,11 @@ class GraphRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            pre = self._precompile(key, lambda: (prime(), body(bufs)))
+            dry = body if dry_body is None else dry_body
+            pre = self._precompile(key, lambda: (prime(), dry(bufs)))
+            # two runs, as torch advises a few on a side stream before capture: the first loads each
+            # kernel variant and lets cuBLAS and the allocator set up what capture must not; one run
+            # would cost one body less (ms), and nothing here shows that one is always enough
             for _ in range(2):
                 prime()
                 body(bufs)
@@ -129,14 +135,21 @@ class GraphRunner:
         gemv vs tensor-core path), while a re-capture of the same pair (cache re-allocated) would only
         repeat the dry run. BRAID_PRECOMPILE=0 turns it off; under the interpreter it does nothing.
 
+        The dry body is capture()'s dry_body if given (the K-step loop's: one of its K steps), else the
+        body. One step finds what K would: each step runs the same ops on the same buffers and shapes,
+        and the per-step output rows it writes are all 16-byte aligned (runtime/loop.py), so steps
+        2..K launch exactly step 1's variants; anything a shorter dry run missed would only compile
+        at the warm-up, as without precompile.
+
         Why the dry body is safe to run: its torch ops run, its Triton kernels do not, so buffers that
         only kernels write keep their contents. The torch ops that index memory read bufs.ids
         (embedding), bufs.pos (longrope rows), bufs.slots (cache.valid scatter) and sampled tokens
         (repetition-penalty scatter): new_buffers() zero-fills ids/pos/slots and prime() sets slots and
         pos before the dry run; in the greedy body only the skipped select kernel advances them (they
-        stay primed), in the sampled body torch advances them by K - 1 at most, which warm_slots
-        leaves room for, and tokens come from an argmax (always in range). cache.valid's warm slots are
-        restored after capture, like the warm-up's writes."""
+        stay primed), in the sampled body torch advances them by one per step, K - 1 at most before
+        the last step's reads, which warm_slots leaves room for, and tokens come from an argmax
+        (always in range). cache.valid's warm slots are restored after capture, like the warm-up's
+        writes."""
         if os.environ.get("BRAID_PRECOMPILE", "1") == "0":
             return None
         once = (key.tag, key.bucket)

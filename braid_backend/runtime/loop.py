@@ -23,24 +23,31 @@ class FastLoop:
         self.K, self.bucket, self.step = K, bucket, step
         dev = step.device
         self.sel = SelectState(bucket, step.vocab, sel_cfg, dev)
-        self.ring = torch.zeros(K, bucket, dtype=torch.long, device=dev)
-        self.all_done = torch.zeros(K, dtype=torch.bool, device=dev)
+        # Every step's row of ring / all_done starts 16-byte aligned (rows padded to an even count of
+        # longs, all_done one byte of each 16): Triton specialises pointer arguments on 16-byte
+        # alignment, so unaligned rows made steps 1..K-1 launch 1-2 other variants of greedy_select's
+        # finish kernel than step 0 (more to compile, and missed by the one-step precompile dry run).
+        self.ring = torch.zeros(K, bucket + bucket % 2, dtype=torch.long, device=dev)[:, :bucket]
+        self.all_done = torch.zeros(K, 16, dtype=torch.bool, device=dev)[:, 0]
         self.ones = torch.ones(bucket, 1, dtype=torch.int8, device=dev)
         # greedy: selection, EOS tracking and the next step's inputs in two kernels instead of ~15 ops
         self.greedy = GreedyWorkspace(bucket, step.vocab, dev) if fused_greedy_ok(sel_cfg) else None
         self.graph = None
         if runner is not None:
             rng = torch.cuda.get_rng_state(dev)
+            # the precompile's dry run needs one step, not K: every step launches step 0's variants
+            # (same buffers and shapes, aligned ring rows), and each dry step costs ~170 hook calls
             cs = runner.capture(GraphKey.of(bucket, cache, ("fast", K, sel_cfg)), cache,
-                                lambda b: self._body(cache, b), warm_slots=K)
+                                lambda b: self._body(cache, b), warm_slots=K,
+                                dry_body=lambda b: self._body(cache, b, steps=1))
             # capture's warm-up drew random numbers: restore, so seeded calls repeat from the first call on
             torch.cuda.set_rng_state(rng, dev)
             self.bufs, self.graph = cs.bufs, cs.graph
         else:
             self.bufs = step.new_buffers(bucket, cache.max_len)
 
-    def _body(self, cache, b):
-        for k in range(self.K):
+    def _body(self, cache, b, steps: int | None = None):
+        for k in range(self.K if steps is None else steps):
             # the token being fed attends to itself: HF appends 1 to attention_mask each step
             cache.valid[:self.bucket].scatter_(1, b.slots[:, None], self.ones)
             logits = self.step.run(cache, b)

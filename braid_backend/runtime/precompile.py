@@ -161,19 +161,35 @@ def spec_from_hook(jit_fn, info: dict, key=None) -> KernelSpec:
 class Recorder:
     """jit_cache_hook for a dry run: records the variants of its own thread's launches and returns True
     (do not compile). Another thread compiling meanwhile goes to the hook that was there before (or
-    compiles as usual): its kernels must not be skipped."""
+    compiles as usual): its kernels must not be skipped.
+
+    Answering True leaves Triton's in-memory cache empty, so every launch of a variant comes back here
+    (a decode step launches the same few variants ~170 times): a variant is recorded, or fails, once
+    per (kernel, device, hook key), the identity of Triton's own in-memory cache (`kernel_cache[key]`
+    of the device), skipping spec_from_hook's option parsing for the repeats (a key of None, or one
+    that cannot be hashed, is recorded every time, as before)."""
 
     def __init__(self, previous=None):
         self.thread = threading.get_ident()
         self.previous = previous
         self.specs: list[KernelSpec] = []
         self.errors: list[str] = []
+        self.seen: dict = {}   # (id(kernel), device, key) -> kernel (kept alive: its id stays unique)
 
     def __call__(self, *, fn, compile, **kw):
         if threading.get_ident() != self.thread:
             return self.previous(fn=fn, compile=compile, **kw) if self.previous is not None else None
+        key, jit_fn = kw.get("key"), getattr(fn, "jit_function", None)
+        if key is not None:
+            once = (id(jit_fn), compile.get("device") if isinstance(compile, dict) else None, key)
+            try:
+                if once in self.seen:
+                    return True
+                self.seen[once] = jit_fn
+            except TypeError:   # an unhashable key: recorded every time
+                pass
         try:
-            self.specs.append(spec_from_hook(fn.jit_function, compile, kw.get("key")))
+            self.specs.append(spec_from_hook(jit_fn, compile, key))
         except Exception as e:   # this variant compiles at its real launch instead
             self.errors.append(f"{getattr(fn, 'name', fn)}: not recorded ({type(e).__name__}: {e})")
         return True
@@ -280,15 +296,24 @@ def unavailable_reason() -> str:
     return ""
 
 
+_KEY_THREAD: threading.Thread | None = None   # the last thread warm_triton_key() started
+KEY_JOIN_TIMEOUT_S = 30.0
+
+
 def warm_triton_key() -> threading.Thread | None:
     """Start Triton's per-process installation hash (`triton_key()`: its sources and libtriton) in a
     daemon thread. The first compile or disk-cache lookup of a process needs it: 0.59 s of a warm first
     call on the H100 host (results/2026-11-26-h100-s5, run2). Started at patch(), it overlaps HF's
     generate() setup and the eager prefill that come before the first graph capture; file reads and
-    sha256 release the GIL. If the main thread needs it first, lru_cache lets both compute it: the cost
-    is only time. None (nothing started) without Triton, under the interpreter, or BRAID_PRECOMPILE=0."""
+    sha256 release the GIL. lru_cache does not make a second caller wait for a computation in progress
+    (both would compute it), so precompile() joins this thread (join_triton_key) before its first need,
+    and a thread still running is returned instead of starting another. None (nothing started) without
+    Triton, under the interpreter, or BRAID_PRECOMPILE=0."""
+    global _KEY_THREAD
     if unavailable_reason() or os.environ.get("BRAID_PRECOMPILE", "1") == "0":
         return None
+    if _KEY_THREAD is not None and _KEY_THREAD.is_alive():
+        return _KEY_THREAD
     try:
         from triton.runtime.cache import triton_key
     except ImportError:   # an older layout: skip, the first compile computes it as before
@@ -302,7 +327,20 @@ def warm_triton_key() -> threading.Thread | None:
 
     t = threading.Thread(target=run, name="braid-triton-key", daemon=True)
     t.start()
+    _KEY_THREAD = t
     return t
+
+
+def join_triton_key(timeout: float = KEY_JOIN_TIMEOUT_S) -> bool:
+    """Wait, at most `timeout` seconds, for the triton_key() that warm_triton_key() started, so that
+    this thread's first need of it finds it cached instead of computing it a second time alongside.
+    True unless it is still running after the timeout (the caller then computes it itself, as before:
+    only time is lost, nothing hangs). Returns at once when no such thread runs."""
+    t = _KEY_THREAD
+    if t is None or not t.is_alive() or t is threading.current_thread():
+        return True
+    t.join(max(0.0, timeout))
+    return not t.is_alive()
 
 
 MARKER_DIR = "braid-precompile"   # under Triton's cache dir: one empty-ish file per recorded set
@@ -392,9 +430,16 @@ def precompile(body: Callable[[], object], workers: int | None = None,
     if why:
         return done(skipped=why)
     try:
-        rec = record(body)
+        rec, failed = record(body), None
     except Exception as e:
-        return done(skipped=f"dry run failed ({type(e).__name__}: {e})")
+        rec, failed = None, e
+    # The dry run needs no triton_key (the hook stops each launch before any cache key), so it overlaps
+    # the background hash; the disk check below and the caller's warm-up (loading the variants) do.
+    if not join_triton_key():
+        log.info("braid: triton_key() still running in the background after %gs; computing it here",
+                 KEY_JOIN_TIMEOUT_S)
+    if failed is not None:
+        return done(skipped=f"dry run failed ({type(failed).__name__}: {failed})")
     uniq = list({s.ident(): s for s in rec.specs}.values())
     if not uniq:
         return done(failed=rec.errors)
