@@ -62,7 +62,7 @@ def to_f32(kw):
     return {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
-def run_case(M, n_out, K, dtype, opts, path, seed, x_pad=0, out_pad=0, extra_cfg=None):
+def run_case(M, n_out, K, dtype, opts, path, seed, x_pad=0, out_pad=0, extra_cfg=None, workspace=None):
     x, w, kw = make_inputs(M, n_out, K, dtype, opts, seed, x_pad)
     ref_kw = dict(kw)
     if kw.get("residual") is not None:
@@ -78,7 +78,7 @@ def run_case(M, n_out, K, dtype, opts, path, seed, x_pad=0, out_pad=0, extra_cfg
     cfg = dict(extra_cfg or {})
     if path:
         cfg["path"] = path
-    got = fused_gemv(x, w, out=out, config=cfg or None, **kw)
+    got = fused_gemv(x, w, out=out, config=cfg or None, workspace=workspace, **kw)
     assert got.data_ptr() == out.data_ptr(), "must write into the given out"
     assert not torch.isnan(got).any(), "some output elements were not written"
     if out_buf is not None and out_pad:
@@ -222,3 +222,79 @@ def test_bad_args():
         fused_gemv(x, w, config={"path": "tc", "BLOCK_N": 8})
     with pytest.raises(ValueError, match="res_scale"):
         fused_gemv(x, w, res_scale=0.5)
+
+
+# Split-K (tc path): partial sums in a workspace, the last program of a tile adds them in split order.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M,n_out,K,split,opts", [
+    (5, 45, 300, 3, dict(residual="inplace")),                   # down / o_proj: K tail in the last split
+    (3, 37, 257, 4, dict(norm=0, bias=True)),                    # qkv: norm prologue over the whole row
+    (17, 40, 200, 2, dict(norm=1, norm_offset=1.0, act="gelu_tanh_mul")),   # two M blocks, act partials
+    (4, 33, 96, 8, dict(act="silu_mul", bias=True, residual="separate", res_scale=0.5)),  # empty splits
+])
+def test_split_k(M, n_out, K, split, opts, dtype):
+    from braid_backend.kernels.fused_gemv import GemvWorkspace
+
+    ws = GemvWorkspace(4096 * 16, 64, DEV)
+    ws.partials.fill_(float("nan"))   # poisoned: every partial read must have been written first
+    cfg = {"path": "tc", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}
+    for seed in (1, 2):   # the second launch reuses the counters the first one left at zero
+        run_case(M, n_out, K, dtype, opts, "tc", seed=seed * 97 + split, out_pad=3, extra_cfg=cfg, workspace=ws)
+        assert int(ws.counters.abs().sum()) == 0, "arrival counters not reset"
+
+
+def test_split_k_deterministic_and_equal_to_one_program_per_tile_within_fp32_order():
+    from braid_backend.kernels.fused_gemv import GemvWorkspace
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 250, generator=g).to(DEV)
+    w = (torch.randn(40, 250, generator=g) * 0.1).to(DEV)
+    ws = GemvWorkspace(1 << 16, 64, DEV)
+    cfg = {"path": "tc", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+    a = fused_gemv(x, w, config=dict(cfg, SPLIT_K=3), workspace=ws)
+    b = fused_gemv(x, w, config=dict(cfg, SPLIT_K=3), workspace=ws)
+    c = fused_gemv(x, w, config=dict(cfg, SPLIT_K=1))
+    assert torch.equal(a, b)
+    assert relerr(a, c) <= FP32_TOL
+
+
+def test_split_k_errors():
+    from braid_backend.kernels.fused_gemv import GemvWorkspace
+
+    x = torch.randn(3, 64, device=DEV)
+    w = torch.randn(40, 64, device=DEV)
+    cfg = {"path": "tc", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}
+    with pytest.raises(ValueError, match="workspace"):
+        fused_gemv(x, w, config=cfg)
+    with pytest.raises(ValueError, match="too small"):
+        fused_gemv(x, w, config=cfg, workspace=GemvWorkspace(16, 1, DEV))
+    with pytest.raises(ValueError, match="tc path only"):
+        fused_gemv(x, w, config={"path": "gemv", "SPLIT_K": 2}, workspace=GemvWorkspace(1 << 12, 8, DEV))
+
+
+def test_split_k_heuristic(monkeypatch):
+    """H100 (132 SMs): the small models' batch 3-16 tiles split K to reach ~2 programs per SM; the
+    7-9B tiles, lm_heads, the GEMV path and BRAID_SPLIT_K=0 do not; the workspace covers every call."""
+    import braid_backend.kernels.fused_gemv as fg
+
+    monkeypatch.setattr(fg, "num_sms", lambda device: 132)
+    default_config.cache_clear()
+    dev, bf = torch.device("cuda", 0), torch.bfloat16
+    try:
+        down8 = default_config(8, 896, 4864, bf, False, dev)
+        assert down8["path"] == "tc" and down8["SPLIT_K"] == 5          # 56 tiles -> 280 programs
+        assert default_config(8, 896, 896, bf, False, dev)["SPLIT_K"] == 4   # o_proj: K 896 = 4 x 2 tiles of 128
+        assert default_config(16, 1152, 896, bf, False, dev, None, True)["SPLIT_K"] == 2   # qkv (32 x 256 tiles)
+        assert default_config(8, 151936, 896, bf, False, dev, None, True)["SPLIT_K"] == 1   # lm_head
+        assert "SPLIT_K" not in default_config(8, 4096, 14336, bf, False, dev)               # 8B tiles as measured
+        assert "SPLIT_K" not in default_config(1, 896, 4864, bf, False, dev)                 # GEMV path
+        made = []
+        monkeypatch.setattr(fg, "GemvWorkspace", lambda elems, tiles, device: made.append((elems, tiles)) or made)
+        assert fg.gemv_workspace([(8, 896, 4864, False, False), (8, 4864, 896, True, True)], bf, dev) is made
+        assert made == [(56 * 5 * 16 * 16, 56)]   # down's split; gate_up (152 tiles) does not split
+        assert fg.gemv_workspace([(1, 896, 4864, False, False)], bf, dev) is None
+        monkeypatch.setattr(fg, "SPLIT_K_MODE", "0")
+        default_config.cache_clear()
+        assert default_config(8, 896, 4864, bf, False, dev)["SPLIT_K"] == 1
+    finally:
+        default_config.cache_clear()

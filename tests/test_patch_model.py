@@ -109,3 +109,30 @@ def test_plain_forward_creates_braid_cache(device):
         assert type(cache).__name__ == "BraidCache"
         step = model(ids[:, 5:], **{cache_kwarg_name(model): cache}, use_cache=True)
     assert rel_err(step.logits[:, -1], full[:, -1]) < 2e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-gemma2"])
+def test_split_k_tiles_in_the_decode_step(name, device, monkeypatch):
+    """Every projection of the decode step on split-K tensor-core tiles (the GPU's batch 3-16 choice for
+    small models), forced here: the step's workspace must serve them all, fp32 logits as stock's."""
+    import braid_backend.kernels.fused_gemv as fg
+
+    used = []
+
+    def forced(M, n_out, K, dtype, has_act, dev, path=None, has_norm=False):
+        used.append((n_out, K))
+        return dict(path="tc", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=3)
+
+    monkeypatch.setattr(fg, "default_config", forced)
+    grids, launch = [], fg.launch
+    monkeypatch.setattr(fg, "launch", lambda kernel, grid: grids.append(grid) or launch(kernel, grid))
+    model = build_model(name, dtype=torch.float32, device=device, seed=4)
+    prompt, cont = tokens(model, 3, 7, 41, device), tokens(model, 3, 4, 42, device)
+    ref = teacher_forced_logits(model, prompt, cont)
+    braid_backend.patch(model)
+    out = teacher_forced_logits(model, prompt, cont)
+    assert braid_backend.status(model).stats["decode_fused"] + braid_backend.status(model).stats["decode_graph"] >= 4
+    assert len({n for n, _ in used}) >= 4, used   # qkv, o_proj/down (hidden), gate_up, lm_head
+    assert sum(len(g) == 3 and g[2] == 3 for g in grids) >= 5 * model.config.num_hidden_layers, "K not split"
+    err = rel_err(out, ref)
+    assert err < 2e-5, f"{name}: split-K step vs stock rel err {err}"

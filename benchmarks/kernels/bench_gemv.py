@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
-from braid_backend.kernels.fused_gemv import default_config, fused_gemv, fused_gemv_reference  # noqa: E402
+from braid_backend.kernels.fused_gemv import (GemvWorkspace, default_config, fused_gemv,  # noqa: E402
+                                              fused_gemv_reference)
 
 # Qwen2.5-0.5B: hidden 896, intermediate 4864, 14 x 64 query heads, 2 KV heads, vocab 151936.
 QWEN_SHAPES = [
@@ -74,18 +75,34 @@ TC_SWEEP_WIDE = TC_SWEEP + [
     dict(path="gemv", BLOCK_N=2, BLOCK_K=256, num_warps=4, num_stages=2),
     dict(path="gemv", BLOCK_N=4, BLOCK_K=256, num_warps=8, num_stages=3),
 ]
+# --split: split-K on the small models' batch 3-16 tiles (fewer tiles than SMs: Qwen2.5-0.5B down, o_proj,
+# qkv); SPLIT_K=1 is the one-program-per-tile baseline
+TC_SWEEP_SPLIT = [
+    dict(SPLIT_K=1),
+    dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=2, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=4),
+]
 _WIDE = False
+_SPLIT = False
 
 
 def _cfg_str(cfg: dict) -> str:
-    keys = ("path", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    keys = ("path", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")
     return " ".join(f"{k.replace('BLOCK_', '').lower() if k.startswith('BLOCK_') else k}={cfg[k]}"
                     for k in keys if k in cfg)
 
 
 def _candidates(base: dict, M: int) -> list[dict]:
     out, seen = [], {_cfg_str(base)}
-    for alt in (GEMV_SWEEP if base["path"] == "gemv" else TC_SWEEP_WIDE if _WIDE else TC_SWEEP):
+    tc = TC_SWEEP_SPLIT if _SPLIT else TC_SWEEP_WIDE if _WIDE else TC_SWEEP
+    for alt in (GEMV_SWEEP if base["path"] == "gemv" else tc):
         cfg = dict(base, **alt)
         if cfg["path"] == "gemv":
             if alt.get("path") == "gemv" and base["path"] != "gemv":
@@ -121,6 +138,7 @@ def run(copy_gbs: float, batches=(1, 16), sweep=True, *, shapes=None, dtype=torc
     shapes = shapes or QWEN_SHAPES
     slot_s = budget_s / max(1, len(shapes) * len(batches))
     gen = torch.Generator(device="cpu").manual_seed(0)
+    ws = GemvWorkspace(1 << 23, 1 << 14, device)   # split-K partials: ample for every shape here
     for sh in shapes:
         N, K, act = sh["N"], sh["K"], sh["act"]
         n_out = N // 2 if act else N
@@ -145,14 +163,14 @@ def run(copy_gbs: float, batches=(1, 16), sweep=True, *, shapes=None, dtype=torc
 
             def fused(cfg):
                 if res_t is not None:  # in-place residual-stream update, as in the decode layer
-                    return lambda: fused_gemv(x, w, residual=res_t, out=res_t, config=cfg, **kw)
-                return lambda: fused_gemv(x, w, out=out, config=cfg, **kw)
+                    return lambda: fused_gemv(x, w, residual=res_t, out=res_t, config=cfg, workspace=ws, **kw)
+                return lambda: fused_gemv(x, w, out=out, config=cfg, workspace=ws, **kw)
 
             def try_cfg(cfg):
                 """(ms, note): checks the config's answer first, then times it."""
                 try:
                     chk = torch.empty(M, n_out, dtype=dtype, device=device)
-                    fused_gemv(x, w, residual=res_check, out=chk, config=cfg, **kw)
+                    fused_gemv(x, w, residual=res_check, out=chk, config=cfg, workspace=ws, **kw)
                     if chk.is_cuda:
                         torch.cuda.synchronize()  # surface asynchronous launch errors here
                     err = _relerr(chk, ref)
@@ -248,11 +266,12 @@ def main(argv=None) -> None:
                     help="seconds for the whole sweep, split over the (shape, batch) slots")
     ap.add_argument("--shapes", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="whose projections")
     ap.add_argument("--wide", action="store_true", help="the wider tensor-core sweep (TC_SWEEP_WIDE)")
+    ap.add_argument("--split", action="store_true", help="the split-K tensor-core sweep (TC_SWEEP_SPLIT)")
     args = ap.parse_args(argv)
     import triton
 
-    global _WIDE
-    _WIDE = args.wide
+    global _WIDE, _SPLIT
+    _WIDE, _SPLIT = args.wide, args.split
 
     t0 = time.perf_counter()
     copy_gbs = common.copy_bandwidth_gbs()

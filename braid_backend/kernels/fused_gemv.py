@@ -12,7 +12,11 @@ x.dtype (identity for fp32):
 Two code paths, both exact w.r.t. the specification:
   "gemv": few rows (M <= 8). Each program owns BLOCK_N weight rows (and the matching up rows for
           act), streams them over K with wide loads and reduces with fp32 FMAs. Memory bound.
-  "tc":   tensor-core tiles (BLOCK_M >= 16) with tl.dot; M is padded with masks.
+  "tc":   tensor-core tiles (BLOCK_M >= 16) with tl.dot; M is padded with masks. SPLIT_K > 1 (needs a
+          GemvWorkspace): each tile's K range is cut into SPLIT_K programs that store fp32 partial sums;
+          the last to arrive (an atomic counter per tile) adds them in split order (deterministic) and
+          runs the epilogue. For small matrices at batch 3-16, whose 16-row tiles give fewer programs
+          than SMs (Qwen2.5-0.5B down: 56 programs for 132 SMs on an H100).
 """
 from __future__ import annotations
 
@@ -151,15 +155,22 @@ if triton is not None:
     @triton.jit
     def _tc_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
-        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale, ws_ptr, cnt_ptr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        NACC: tl.constexpr,
         BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K > 1:   # this program's K range: whole BLOCK_K tiles, the last range may be short
+            k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            k_lo = tl.program_id(2) * k_chunk
+            k_hi = tl.minimum(k_lo + k_chunk, K)
         DT = x_ptr.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,9 +185,9 @@ if triton is not None:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
-            mk = k < K
+            mk = k < k_hi
             h = tl.load(x_rows + k[None, :], mask=mask_m & mk[None, :], other=0.0)
             if HAS_NORM:
                 wf = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)[None, :] + norm_offset
@@ -197,8 +208,35 @@ if triton is not None:
                     acc_u = tl.dot(h, wu, acc_u, input_precision="ieee")
                 else:
                     acc_u = tl.dot(h, wu, acc_u)
-        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
-                  stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
+        if SPLIT_K == 1:
+            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                      stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
+        else:
+            # workspace: per tile SPLIT_K consecutive (BLOCK_M, BLOCK_N) fp32 slabs (x2 with act)
+            TILE = BLOCK_M * BLOCK_N * NACC
+            tile = pid_m * tl.num_programs(1) + pid_n
+            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            mine = ws_ptr + (tile * SPLIT_K + tl.program_id(2)).to(tl.int64) * TILE
+            tl.store(mine + loc, acc_g)
+            if ACT != 0:
+                tl.store(mine + BLOCK_M * BLOCK_N + loc, acc_u)
+            # every thread's partial is stored before one thread's release-increment publishes them
+            # (the CTA barrier + a gpu-scope acq_rel atomic: the usual split-K semaphore pattern)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                first = ws_ptr + (tile * SPLIT_K).to(tl.int64) * TILE
+                acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for s in range(SPLIT_K):   # split order, whoever arrives last: deterministic sums
+                    # .cg: other SMs wrote these; read them from L2, never a stale L1 line
+                    acc_g += tl.load(first + s * TILE + loc, cache_modifier=".cg")
+                    if ACT != 0:
+                        acc_u += tl.load(first + s * TILE + BLOCK_M * BLOCK_N + loc, cache_modifier=".cg")
+                _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                          stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
+                # back to 0 for the next launch (kernels that share the counters run after this one)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 # -------------------------------------------------------------------------------------- heuristics
@@ -211,6 +249,18 @@ GEMV_MAX_M = 8  # rows per program of the GEMV path, and the CPU interpreter's p
 # step (2026-11-26, benchmarks/results/2026-11-26-h100-s3/gemv-max-m): 8 -> 2 took batch 3/4/6/8 from
 # 1.29/1.29/1.90/1.90 to 1.12/1.13/1.17/1.17 ms; batch 1/2 unchanged. BRAID_GEMV_MAX_M overrides it (A/B).
 GPU_GEMV_MAX_M = int(os.environ.get("BRAID_GEMV_MAX_M", "2"))
+# Split-K on the small-matrix tensor-core tiles (GPU): "auto" (default) or "0" (never; A/B switch).
+SPLIT_K_MODE = os.environ.get("BRAID_SPLIT_K", "auto")
+MAX_SPLIT_K = 8
+
+
+def _split_k(tiles: int, K: int, block_k: int, sms: int) -> int:
+    """Programs per tile along K: enough for ~2 programs per SM, each at least 2 BLOCK_K tiles deep.
+    H100, Qwen2.5-0.5B at batch 4-16 without it (2026-11-26, session 7): down (N 896, K 4864) ran 56
+    programs in 13.8 us (21% of copy bandwidth, 0.8x torch), o_proj 56 programs, qkv 36."""
+    if SPLIT_K_MODE == "0" or tiles >= sms:
+        return 1
+    return max(1, min(MAX_SPLIT_K, -(-2 * sms // tiles), -(-K // (2 * block_k))))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -270,8 +320,41 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     if has_norm and not has_act and block_n == 16 and dtype != torch.float32 and K >= 256:
         # norm prologue (qkv): every program recomputes the row statistic, so fewer, deeper programs
         # win (batch 16 qkv 14.5 -> 9.7 us); o_proj/down (no norm) keep 16-wide tiles
-        return dict(path="tc", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3)
-    return dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+        cfg = dict(path="tc", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    tiles = m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"])
+    cfg["SPLIT_K"] = _split_k(tiles, K, cfg["BLOCK_K"], sms)
+    return cfg
+
+
+class GemvWorkspace:
+    """The fp32 partial sums and per-tile arrival counters of split-K launches. One serves every
+    fused_gemv of a decode step: they run one after another on one stream (under PDL each waits for
+    the previous kernel before touching it), and each launch leaves its counters at 0."""
+
+    def __init__(self, partial_elems: int, tiles: int, device):
+        self.partials = torch.empty(max(1, partial_elems), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max(1, tiles), dtype=torch.int32, device=device)
+
+
+def _split_need(cfg: dict, M: int, n_out: int, has_act: bool) -> tuple[int, int]:
+    """(partial elements, tiles) a launch with this config needs from a GemvWorkspace."""
+    split = cfg.get("SPLIT_K", 1)
+    if cfg["path"] != "tc" or split <= 1:
+        return 0, 0
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"])
+    return tiles * split * cfg["BLOCK_M"] * cfg["BLOCK_N"] * (2 if has_act else 1), tiles
+
+
+def gemv_workspace(calls, dtype: torch.dtype, device) -> GemvWorkspace | None:
+    """The workspace for fused_gemv calls given as (M, n_out, K, has_act, has_norm) tuples with the
+    launcher's own configs, or None when none of them splits K."""
+    device = torch.device(device)
+    need = [_split_need(default_config(M, n, K, dtype, act, device, None, norm), M, n, act)
+            for M, n, K, act, norm in calls]
+    elems, tiles = max(e for e, _ in need), max(t for _, t in need)
+    return GemvWorkspace(elems, tiles, device) if tiles else None
 
 
 # ---------------------------------------------------------------------------------------- launcher
@@ -288,14 +371,16 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
                norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: dict | None = None,
-               res_scale: float | None = None) -> torch.Tensor:
+               res_scale: float | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
     """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]) [* res_scale]; see the module
     docstring (res_scale only with residual: Granite's `residual + y * residual_multiplier`).
 
     x (M, K) with contiguous last dim (row stride allowed); weight (N, K) contiguous, N = 2*N_out
     for act in {"silu_mul", "gelu_tanh_mul"} (rows [gate; up]). `out` may be `residual` (in-place
     residual-stream update). No host sync, no allocation when `out` is given. `config` overrides
-    the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
+    SPLIT_K (tc only; > 1 needs `workspace`). Without a workspace the heuristic's split is not used
+    (one program per tile); the decode step passes one (gemv_workspace)."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
     check_norm_mode(norm_mode)
@@ -332,6 +417,24 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     if config:
         cfg.update(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = int(cfg.get("SPLIT_K", 1)) if cfg["path"] == "tc" else 1
+    if config and int(config.get("SPLIT_K", 1)) > 1 and cfg["path"] != "tc":
+        raise ValueError("SPLIT_K applies to the tc path only")
+    if split > 1 and workspace is None:
+        if config and int(config.get("SPLIT_K", 1)) > 1:
+            raise ValueError("SPLIT_K > 1 needs a workspace (kernels.fused_gemv.GemvWorkspace)")
+        split = 1
+    if split < 1:
+        raise ValueError(f"SPLIT_K must be >= 1, got {split}")
+    ws_args = (x, x)   # never dereferenced without a split (constexpr SPLIT_K == 1)
+    if split > 1:
+        elems, tiles = _split_need(dict(cfg, SPLIT_K=split), M, n_out, act is not None)
+        if workspace.partials.numel() < elems or workspace.counters.numel() < tiles:
+            raise ValueError(f"workspace too small for SPLIT_K={split}: needs {elems} partials and {tiles} "
+                             f"counters, has {workspace.partials.numel()} and {workspace.counters.numel()}")
+        if workspace.partials.device != x.device:
+            raise ValueError(f"workspace on {workspace.partials.device}, x on {x.device}")
+        ws_args = (workspace.partials, workspace.counters)
     dummy = x  # pointer for disabled operands; never dereferenced (constexpr flags)
     res = residual if residual is not None else dummy
     args = (x, weight, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
@@ -348,9 +451,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     elif cfg["path"] == "tc":
         if min(bm, bn, bk) < 16:
             raise ValueError(f"tc path needs BLOCK_M/N/K >= 16, got {bm}/{bn}/{bk}")
-        grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn))
-        launch(_tc_kernel, grid)(*args, **flags, DOT_UPCAST=DOT_UPCAST,
-                                 IEEE=DOT_UPCAST or x.dtype == torch.float32)
+        grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn), split)
+        launch(_tc_kernel, grid)(*args, *ws_args, **flags, SPLIT_K=split, NACC=2 if act is not None else 1,
+                                 DOT_UPCAST=DOT_UPCAST, IEEE=DOT_UPCAST or x.dtype == torch.float32)
     else:
         raise ValueError(f"unknown path {cfg['path']!r}")
     return out

@@ -30,7 +30,7 @@ import torch
 
 from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
-from ..kernels.fused_gemv import fused_gemv
+from ..kernels.fused_gemv import fused_gemv, gemv_workspace
 from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
@@ -121,6 +121,14 @@ class StepBuffers:
             self.table_idx = torch.zeros(M, dtype=torch.long, device=dev)
         self.num_splits = default_num_splits(M, st.n_kv_heads, max_len, st.num_sms)
         self.ws = attention_workspace(M, st.n_heads, p.head_dim, self.num_splits, dev)
+        # split-K partial sums of the projections (None where no launch config splits K); both norm
+        # flags of qkv / gate_up because OLMo2-style layers have no pre-norm (another tile config)
+        d_attn = st.n_heads * p.head_dim
+        calls = [(M, p.hidden, d_attn, False, False), (M, p.hidden, st.intermediate, False, False),
+                 (M, st.w_lm.shape[0], p.hidden, False, True)]
+        calls += [c for norm in (False, True)
+                  for c in ((M, n_qkv, p.hidden, False, norm), (M, st.intermediate, p.hidden, True, norm))]
+        self.gemv_ws = gemv_workspace(calls, dt, dev)
 
 
 class DecodeStep:
@@ -245,11 +253,11 @@ class DecodeStep:
         direct = post_norm is None   # the sublayer's output goes straight into x (times m for Granite)
         if tp is None:
             if direct:   # x + y, or Granite's x + rnd(y * m), in the GEMV's epilogue
-                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult)
+                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult, workspace=b.gemv_ws)
                 return
-            fused_gemv(h, w, bias=bias, out=b.tmp)
+            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws)
         elif isinstance(b.part, FlagPartials):
-            fused_gemv(h, w, out=b.part.slot(slot))
+            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws)
             if direct and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
@@ -260,10 +268,10 @@ class DecodeStep:
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
                 dst = b.x if b.part is None else b.part
-                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst)
+                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws)
                 tp.reduce_into(b.part, b.x)
                 return
-            fused_gemv(h, w, out=b.tmp if b.part is None else b.part)
+            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws)
             tp.reduce_into(b.part, b.tmp)
             if bias is not None:
                 b.tmp.add_(bias)
@@ -315,7 +323,7 @@ class DecodeStep:
         for i, fl in enumerate(self.layers):
             lp = fl.plan
             fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
-                       norm_mode=nm, norm_offset=no, out=b.qkv)
+                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws)
             if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
                 rmsnorm(b.qkv[:, :dq], _w(lp.q_norm), eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
                         out=b.qkv[:, :dq])
@@ -333,7 +341,7 @@ class DecodeStep:
                              workspace=b.ws)
             self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0)
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
-                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act)
+                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws)
             self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
         return self._head(b)
 
@@ -343,7 +351,7 @@ class DecodeStep:
         nm, no = p.spec.norm_mode, p.spec.norm_offset
         lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
         fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
-                   norm_mode=nm, norm_offset=no, out=lm_out)
+                   norm_mode=nm, norm_offset=no, out=lm_out, workspace=b.gemv_ws)
         if lm_out is not b.logits:
             tp.gather_logits(lm_out, b.logits_all, b.logits)
         if p.logits_div is not None:      # Granite: logits / logits_scaling, in the model dtype like HF
