@@ -22,7 +22,7 @@ from .runtime.graphs import GraphKey, GraphRunner
 from .runtime.interface import DecodeStep, StepBuffers
 from .runtime.loop import FastLoop
 from .runtime.precompile import warm_triton_key
-from .runtime.prefill import PrefillGraphs
+from .runtime.prefill import PREFILL_TOKEN_CAP, PrefillGraphs
 from .runtime.sampling import SelectConfig
 
 log = logging.getLogger("braid_backend")
@@ -158,7 +158,10 @@ class PatchSession:
     def prefill_graphs_active(self) -> bool:
         return self.status.prefill_graphs and self.graphs_active()
 
-    def prefill_graphs(self) -> PrefillGraphs:
+    def prefill_graphs(self, token_cap: int | None = None) -> PrefillGraphs:
+        """The session's prefill graphs, created on first use with `token_cap` (None: PREFILL_TOKEN_CAP).
+        hf/ passes the cap: it depends on the model's attention, which this layer does not read. Later
+        calls leave an existing cap alone (a benchmark may have set its own)."""
         if self.prefill is None:
             ref = weakref.ref(self)
 
@@ -167,7 +170,7 @@ class PatchSession:
                 if s is not None:
                     s._prefill_capture_failed(exc)
 
-            self.prefill = PrefillGraphs(on_failure=failed)
+            self.prefill = PrefillGraphs(on_failure=failed, token_cap=token_cap or PREFILL_TOKEN_CAP)
         return self.prefill
 
     def _prefill_capture_failed(self, exc: BaseException) -> None:

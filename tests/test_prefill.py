@@ -315,17 +315,45 @@ def test_cache_update_returns_the_prompt_states_at_position_0_and_the_prefix_aft
 
 
 def test_long_prompts_prefill_eagerly():
-    """Above 4096 padded tokens the captured prefill loses to the eager one (transformers builds an
-    explicit causal mask under capture): such prompts never capture."""
-    from braid_backend.runtime.prefill import PREFILL_TOKEN_CAP
+    """Above the cap (B x padded tokens) a prompt never captures: 4096 where the captured forward gets an
+    explicit causal mask (it then loses to the eager prefill), 8192 where it gets none (measured on an
+    H100: runtime/prefill.py)."""
+    from braid_backend.runtime.prefill import MASKLESS_PREFILL_TOKEN_CAP, PREFILL_TOKEN_CAP
 
-    assert PREFILL_TOKEN_CAP == 4096
+    assert PREFILL_TOKEN_CAP == 4096 and MASKLESS_PREFILL_TOKEN_CAP == 8192
     pg = PrefillGraphs()
+    assert pg.token_cap == 4096
     cache = SimpleNamespace(seen=0, batch_capacity=2, max_len=16384)
     assert pg.reason(cache, 1, 4096) is None
     assert "cap 4096" in pg.reason(cache, 1, 4097)     # bucket 4608
     assert "cap 4096" in pg.reason(cache, 2, 2049)     # 2 x 2304
     assert pg.reason(cache, 2, 2048) is None
+    pg = PrefillGraphs(token_cap=MASKLESS_PREFILL_TOKEN_CAP)
+    assert pg.reason(cache, 1, 8192) is None and pg.reason(cache, 2, 4096) is None
+    assert "cap 8192" in pg.reason(cache, 1, 8193)     # bucket 9216
+    assert "cap 8192" in pg.reason(cache, 2, 4097)     # 2 x 4608
+
+
+@pytest.mark.parametrize("family, sliding, cap", [("tiny-llama", False, 8192), ("tiny-qwen2", False, 8192),
+                                                  ("tiny-qwen2", True, 4096), ("tiny-gemma2", False, 4096)])
+def test_prefill_cap_follows_the_mask(family, sliding, cap):
+    """The session's prefill graphs get the maskless cap only where the captured forward has no mask:
+    full-attention SDPA models; a sliding window or another attention implementation keeps 4096."""
+    model = build_model(family, dtype=torch.float32, seed=2)
+    if sliding:
+        model.config.use_sliding_window, model.config.sliding_window = True, 8
+    assert (hfgen.maskless_reason(model) is None) == (cap == 8192), hfgen.maskless_reason(model)
+    assert hfgen.prefill_token_cap(model) == cap
+    braid_backend.patch(model)
+    s = model._braid_session
+    _forced_on(s)
+    cache = s.new_cache(2, 256)
+    ids = toks(model, 2, 20, 8)
+    assert s.prefill is None
+    hfgen.prefill_graph_reason(s, cache, ids, None)   # what creates the session's prefill graphs
+    assert s.prefill.token_cap == cap
+    why = s.prefill.reason(SimpleNamespace(seen=0, batch_capacity=1, max_len=16384), 1, 8192)
+    assert why == (None if cap == 8192 else "1 x 8192 padded tokens above the prefill graph cap 4096")
 
 
 def test_maskless_prefill_eligibility():

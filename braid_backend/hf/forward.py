@@ -60,6 +60,8 @@ def decode_reason(s: PatchSession, input_ids, inputs_embeds, labels, cache, kwar
         return "grad mode"
     if input_ids.shape[0] > cache.batch_capacity:
         return "batch larger than the cache"
+    if cache.row0:   # the fused step reads and writes rows 0..B-1; the stock forward honours the offset
+        return "cache rows offset"
     return None
 
 
@@ -109,8 +111,9 @@ def route(s: PatchSession, model, input_ids=None, attention_mask=None, position_
         cache = s.new_cache(x.shape[0], x.shape[1] + LEN_ROUND)
     if s.owns(cache):
         B, T = x.shape[0], x.shape[1]
-        if B > cache.batch_capacity:
-            raise ValueError(f"braid cache holds {cache.batch_capacity} sequences; this call has {B}")
+        if cache.row0 + B > cache.batch_capacity:   # row0: a row group of a chunked prefill (hf/generate.py)
+            raise ValueError(f"braid cache holds {cache.batch_capacity} sequences; this call has {B}"
+                             + (f" from row {cache.row0}" if cache.row0 else ""))
         if cache.seen + T > cache.max_len:
             with s.lock:
                 s.grow(cache, cache.seen + T)

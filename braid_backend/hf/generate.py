@@ -21,7 +21,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..runtime.cache import batch_bucket
 from ..runtime.graphs import GraphCaptureFailed
 from ..runtime.loop import decode_tokens
-from ..runtime.prefill import prefill_bucket
+from ..runtime.prefill import MASKLESS_PREFILL_TOKEN_CAP, PREFILL_TOKEN_CAP, prefill_bucket
 from ..session import PatchSession
 from .causal_mask import causal_without_mask, maskless_reason
 from .compat import cache_kwarg_name, stock_forward, stock_generate
@@ -29,6 +29,14 @@ from .forward import maybe_verify
 from .select import max_length_of, select_config
 
 log = logging.getLogger("braid_backend")
+
+# The eager prefill of B x T tokens above this runs a group of max(1, this // T) rows at a time, each
+# writing its rows of the braid cache. One forward's activations grow with B * T: Llama-3.1-8B at batch 8
+# x 32768 tokens OOMed on an 80 GB H100 (stock, HF static and braid alike) asking for 7 GiB at once,
+# 262144 tokens x 14336 (MLP width) x 2 bytes. 32768 tokens bound that tensor to ~0.9 GiB on such a
+# model. The price is G forwards instead of one, each still long enough to keep the GEMMs large
+# (GPU-unmeasured); below the budget nothing changes.
+PREFILL_ROW_TOKENS = 32768
 
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 _LOOP_KWARGS = {"attention_mask", "position_ids", "use_cache", "cache", "past_key_values", "logits_to_keep",
@@ -214,10 +222,7 @@ def fast_decode(s: PatchSession, model, input_ids, logits_processor, stopping_cr
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         last = graph_prefill(s, model, cache, input_ids, mask, key)
         if last is None:
-            # prefill: stock HF modules writing the braid cache, last position's logits only
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **{key: cache})
-            last = out.logits[:, -1]
+            last = eager_prefill(model, cache, input_ids, mask, pos, key)
         s.step.prepare(cache.max_len)
         loop = s.fast_loop(cache, min(batch_bucket(B), cache.batch_capacity), s.options.graph_steps, sel_cfg)
         tokens = decode_tokens(loop, cache, input_ids, last, pos[:, -1] + 1, new, streamer)
@@ -229,6 +234,42 @@ def fast_decode(s: PatchSession, model, input_ids, logits_processor, stopping_cr
     return seq
 
 
+def eager_prefill(model, cache, input_ids, mask, pos, key: str) -> torch.Tensor:
+    """The prompt's (B, V) last-position logits from the patched forward (stock HF modules writing the
+    braid cache), the whole batch in one forward or, above PREFILL_ROW_TOKENS, a group of rows at a time."""
+    B, T = input_ids.shape
+
+    def forward(rows: slice):
+        out = model(input_ids=input_ids[rows], attention_mask=mask[rows], position_ids=pos[rows], use_cache=True,
+                    logits_to_keep=1, **{key: cache})
+        return out.logits[:, -1]
+
+    if B <= 1 or B * T <= PREFILL_ROW_TOKENS:
+        return forward(slice(None))
+    R = max(1, PREFILL_ROW_TOKENS // T)
+    G = -(-B // R)
+    log.info("braid: prefill of %d x %d tokens in %d row groups of %d rows (memory)", B, T, G, R)
+    last = []
+    try:
+        for r0 in range(0, B, R):
+            # each group is a whole prompt from position 0 for its rows; the last layer's update leaves
+            # seen = T, the same for every group
+            cache.seen = 0
+            with cache.rows(r0):
+                last.append(forward(slice(r0, r0 + R)))
+    except BaseException:
+        # rows before the failed group hold their prompt, the rest do not: no length is true of all
+        cache.seen = 0
+        raise
+    return torch.cat(last)
+
+
+def prefill_token_cap(model) -> int:
+    """The prefill graphs' B * Tb cap for this model: higher where the captured forward gets no mask
+    (runtime/prefill.py has the measurements)."""
+    return MASKLESS_PREFILL_TOKEN_CAP if maskless_reason(model) is None else PREFILL_TOKEN_CAP
+
+
 def prefill_graph_reason(s: PatchSession, cache, input_ids, mask) -> str | None:
     """Why this prompt's prefill cannot replay a graph (runtime/prefill.py), or None."""
     if not s.prefill_graphs_active():
@@ -238,7 +279,7 @@ def prefill_graph_reason(s: PatchSession, cache, input_ids, mask) -> str | None:
         return "tensor parallel"
     if not s.owns(cache):
         return "no braid cache"
-    why = s.prefill_graphs().reason(cache, *input_ids.shape)
+    why = s.prefill_graphs(prefill_token_cap(s.model)).reason(cache, *input_ids.shape)
     if why is not None:
         return why
     # the graph's positions are 0..Tb-1 with no mask: left padding needs the eager prefill. One host

@@ -8,6 +8,7 @@ keys/values in place and returns the filled prefix, so from HF's side it behaves
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 
@@ -63,13 +64,13 @@ class BraidLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         o = self.owner
         B, _, q, _ = key_states.shape
-        start = o.seen
-        if B > o.batch_capacity:
-            raise CacheTooSmall(f"batch {B} exceeds the braid cache's capacity {o.batch_capacity}")
+        start, r0 = o.seen, o.row0
+        if r0 + B > o.batch_capacity:
+            raise CacheTooSmall(f"rows {r0}..{r0 + B - 1} exceed the braid cache's capacity {o.batch_capacity}")
         if start + q > o.max_len:
             raise CacheTooSmall(f"{start + q} positions exceed the braid cache's length {o.max_len}")
-        self.keys[:B, :, start:start + q].copy_(key_states)
-        self.values[:B, :, start:start + q].copy_(value_states)
+        self.keys[r0:r0 + B, :, start:start + q].copy_(key_states)
+        self.values[r0:r0 + B, :, start:start + q].copy_(value_states)
         if self.idx == o.num_layers - 1:
             o.seen = start + q
         if start == 0 and key_states.dtype == self.keys.dtype and value_states.dtype == self.values.dtype:
@@ -79,7 +80,7 @@ class BraidLayer(CacheLayerMixin):
             # cache view the eager TTFT had been 53 vs 35 ms (runA, not profiled). The 3x slower SDPA seen
             # at first was the captured prefill's explicit mask (runtime/prefill.py), not this layout.
             return key_states, value_states
-        return self.keys[:B, :, :start + q], self.values[:B, :, :start + q]
+        return self.keys[r0:r0 + B, :, :start + q], self.values[r0:r0 + B, :, :start + q]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.seen + query_length, 0
@@ -101,7 +102,10 @@ _SERIALS = itertools.count(1)
 
 
 class BraidCache(Cache):
-    """One static buffer per layer; `seen` (a host int) is the number of filled positions."""
+    """One static buffer per layer; `seen` (a host int) is the number of filled positions.
+
+    `row0` (a host int, 0 but inside `rows()`) is the first cache row that a forward of B sequences
+    writes: the eager prefill of a large batch runs a group of rows at a time (hf/generate.py)."""
 
     def __init__(self, num_layers: int, batch_capacity: int, n_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device, owner_id: int = 0):
@@ -118,6 +122,7 @@ class BraidCache(Cache):
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch_capacity, max_len, dtype=torch.int8, device=device)
         self.seen = 0
+        self.row0 = 0
         self.version = 0   # bumped when buffers are re-allocated: captured graphs must be re-captured
         super().__init__(layers=[BraidLayer(self, i) for i in range(num_layers)])
 
@@ -125,12 +130,27 @@ class BraidCache(Cache):
     def fits(self, batch: int, length: int) -> bool:
         return batch <= self.batch_capacity and length <= self.max_len
 
+    @contextlib.contextmanager
+    def rows(self, r0: int):
+        """Inside: forwards write cache rows r0.. (update, mark_prefill). Only for a prefill from position
+        0 (each group is a whole prompt of its rows); decode steps always run on rows 0.. of the batch."""
+        if not 0 <= r0 < self.batch_capacity:
+            raise CacheTooSmall(f"row {r0} outside the braid cache's capacity {self.batch_capacity}")
+        prev = self.row0
+        self.row0 = r0
+        try:
+            yield self
+        finally:
+            self.row0 = prev
+
     def mark_prefill(self, attention_mask: torch.Tensor | None, batch: int, q_len: int) -> None:
         """Record which of the positions about to be written are real tokens (not left padding)."""
-        start = self.seen
+        start, r0 = self.seen, self.row0
         if start + q_len > self.max_len:
             raise CacheTooSmall(f"{start + q_len} positions exceed the braid cache's length {self.max_len}")
-        dst = self.valid[:batch, start:start + q_len]
+        if r0 + batch > self.batch_capacity:
+            raise CacheTooSmall(f"rows {r0}..{r0 + batch - 1} exceed the braid cache's capacity {self.batch_capacity}")
+        dst = self.valid[r0:r0 + batch, start:start + q_len]
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != batch
                                            or attention_mask.shape[1] < q_len):
             # RuntimeError like stock's shape mismatch, but saying which argument is wrong
@@ -163,4 +183,4 @@ class BraidCache(Cache):
         for layer in self.layers:
             layer.keys = layer.values = None
         self.valid = None
-        self.seen = 0
+        self.seen = self.row0 = 0

@@ -25,14 +25,19 @@ from .cache import round_up
 
 log = logging.getLogger("braid_backend")
 
-# B * Tb above this runs eager. Two reasons: the graph pool keeps the largest bucket's activations, and
+# B * Tb above the cap runs eager. Two reasons: the graph pool keeps the largest bucket's activations, and
 # under stream capture transformers (5.17) does not skip the causal mask (is_tracing() includes
 # capturing), so the captured forward gives SDPA an explicit (Tb, Tb) mask without GQA: ~3x the eager
 # attention time. On an H100 (Qwen2.5-0.5B, TTFT, benchmarks/results/2026-11-26-h100-s6/runE) graph vs
 # eager vs stock: 4096 tokens 23.1 / 33.2 / 18.8 ms, 6144 37.3 / 26.7 / 27.8, 8192 52.8 / 37.9 / 33.4.
-# Since then hf/causal_mask.py gives the captured forward no mask where that is exact (full-attention
-# SDPA models); GPU-unmeasured, so the cap stays until a run shows where graphs stop paying.
+# hf/causal_mask.py now gives the captured forward no mask where that is exact (full-attention SDPA
+# models). Measured with it (H100, 2026-11-26, session 7, Qwen2.5-0.5B, TTFT = generate(max_new_tokens=1),
+# benchmarks/prefill_diag.py --cap 8192), stock / braid eager / braid graph: 4096 tokens 20.34 / 38.25 /
+# 18.96 ms, 8192 tokens 33.78 / 41.27 / 33.18 ms. So such models get MASKLESS_PREFILL_TOKEN_CAP (hf/
+# picks the cap: this file knows no attention implementation); the others keep PREFILL_TOKEN_CAP, their
+# captured forward still has the explicit mask. Above 8192 nothing is measured yet.
 PREFILL_TOKEN_CAP = 4096
+MASKLESS_PREFILL_TOKEN_CAP = 8192
 MIN_STEP = 64
 
 
