@@ -76,6 +76,7 @@ def test_end_to_end_json(tiny_run):
     cfg = m.config
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     assert facts["kv_bytes_per_token"] == kv
+    assert facts["decode_weight_bytes"] == facts["weight_bytes"]   # tied: the table is the lm_head
     assert rows_of(doc, "stock")[2]["bytes_per_step"] == int(facts["weight_bytes"] + kv * 2 * (8 + 16 / 2))
 
     stock = rows_of(doc, "stock")[1]["correctness"]
@@ -393,6 +394,8 @@ def test_untied_lm_head_counted():
     emb = m.get_input_embeddings().weight.numel()
     assert f["weight_bytes"] == 2 * sum(p.numel() for p in m.parameters())
     assert f["weight_bytes"] > 2 * 2 * emb     # embed_tokens and lm_head both in
+    # a decode step reads the lm_head but only the batch's rows of the input table
+    assert f["decode_weight_bytes"] == f["weight_bytes"] - 2 * emb
 
 
 def test_validator_catches_problems(tiny_run):

@@ -232,7 +232,10 @@ def markdown(doc: dict) -> str:
          f"{_f(doc['copy_bw_gbs'], '{:.0f} GB/s', 'not measured (CPU)')}"),
         (f"- model: {model.get('config_class')} {_f(model.get('n_params'), '{:,}')} params, "
          f"{_f(model.get('weight_bytes'), '{:,}')} weight bytes"
-         + (" (tied embeddings counted once)" if model.get("tied_embeddings") else "")),
+         + (" (tied embeddings counted once)" if model.get("tied_embeddings") else "")
+         + (f", {model['decode_weight_bytes']:,} read per decode step (the input embedding table is not; the "
+            "% BW limit counts these)" if model.get("decode_weight_bytes", model.get("weight_bytes"))
+            != model.get("weight_bytes") else "")),
         prompt_line,
         (f"- {a.get('warmup')} warm-ups excluded, median of {a.get('reps')} reps (min-max); "
          f"timer: {env.get('timer') or '-'}"),

@@ -174,3 +174,9 @@ def validate(doc: dict) -> list[str]:
         where = "doc" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
         out.append(f"{where}: {e.message}")
     return out
+
+
+def decode_weight_bytes(facts: dict) -> int:
+    """Weight bytes one decode step reads: the model facts' decode_weight_bytes (every weight once, an
+    untied input embedding table left out), or weight_bytes in files written before that field."""
+    return facts.get("decode_weight_bytes", facts["weight_bytes"])
