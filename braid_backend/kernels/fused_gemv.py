@@ -254,13 +254,15 @@ SPLIT_K_MODE = os.environ.get("BRAID_SPLIT_K", "auto")
 MAX_SPLIT_K = 8
 
 
-def _split_k(tiles: int, K: int, block_k: int, sms: int) -> int:
-    """Programs per tile along K: enough for ~2 programs per SM, each at least 2 BLOCK_K tiles deep.
-    H100, Qwen2.5-0.5B at batch 4-16 without it (2026-11-26, session 7): down (N 896, K 4864) ran 56
-    programs in 13.8 us (21% of copy bandwidth, 0.8x torch), o_proj 56 programs, qkv 36."""
-    if SPLIT_K_MODE == "0" or tiles >= sms:
+def _split_k(tiles: int, K: int, block_k: int, sms: int, has_norm: bool) -> int:
+    """Programs per tile along K: up to ~4 per SM, each at least 2 BLOCK_K tiles deep; not for short K
+    without a norm prologue. H100 sweep, Qwen2.5-0.5B at batch 4-16 (2026-11-26, session 7,
+    results/2026-11-26-h100-s7 runA/runB gemv logs): down (N 896, K 4864, 56 tiles) 13.8 -> 8.4-8.7 us
+    at split 5-8; qkv (norm, 36 tiles of 32 x 256) 10.3 -> 9.2 at split 2; o_proj (K 896, 56 tiles)
+    4.9 -> 5.5 us at split 4: there the partial-sum round trip costs more than the programs gain."""
+    if SPLIT_K_MODE == "0" or tiles >= sms or (K < 2048 and not has_norm):
         return 1
-    return max(1, min(MAX_SPLIT_K, -(-2 * sms // tiles), -(-K // (2 * block_k))))
+    return max(1, min(MAX_SPLIT_K, -(-4 * sms // tiles), -(-K // (2 * block_k))))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -324,7 +326,7 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     else:
         cfg = dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
     tiles = m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = _split_k(tiles, K, cfg["BLOCK_K"], sms)
+    cfg["SPLIT_K"] = _split_k(tiles, K, cfg["BLOCK_K"], sms, has_norm)
     return cfg
 
 
