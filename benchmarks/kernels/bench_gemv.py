@@ -54,6 +54,15 @@ GEMV_SWEEP = [
     dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=3),
 ]
+# --wide on the GEMV path (batch 1-2): deeper K tiles and more warps for 7-9B matrices (K 4096-14336)
+GEMV_SWEEP_WIDE = GEMV_SWEEP + [
+    dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8, num_stages=3),
+    dict(BLOCK_N=4, BLOCK_K=2048, num_warps=8, num_stages=2),
+    dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8, num_stages=3),
+    dict(BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=3),
+    dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=4),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3),
+]
 TC_SWEEP = [
     dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
@@ -102,7 +111,8 @@ def _cfg_str(cfg: dict) -> str:
 def _candidates(base: dict, M: int) -> list[dict]:
     out, seen = [], {_cfg_str(base)}
     tc = TC_SWEEP_SPLIT if _SPLIT else TC_SWEEP_WIDE if _WIDE else TC_SWEEP
-    for alt in (GEMV_SWEEP if base["path"] == "gemv" else tc):
+    gemv = GEMV_SWEEP_WIDE if _WIDE else GEMV_SWEEP
+    for alt in (gemv if base["path"] == "gemv" else tc):
         cfg = dict(base, **alt)
         if cfg["path"] == "gemv":
             if alt.get("path") == "gemv" and base["path"] != "gemv":
