@@ -202,6 +202,14 @@ def test_heuristic_choices(monkeypatch):
     assert default_config(2, 14336, 4096, bf, True, dev)["path"] == "tc"       # 8B batch 2: tiles too
     assert default_config(2, 8192, 2048, bf, True, dev)["path"] == "gemv"     # 1B batch 2: unchanged
     assert default_config(1, 14336, 4096, bf, True, dev)["path"] == "gemv"
+    # 7-9B batch 1 (H100 sweep, Llama-3.1-8B): down on 2048-deep K tiles with 8 warps, o_proj on 512
+    down1 = default_config(1, 4096, 14336, bf, False, dev)
+    assert (down1["BLOCK_K"], down1["num_warps"], down1["num_stages"]) == (2048, 8, 2)
+    o1 = default_config(1, 4096, 4096, bf, False, dev)
+    assert (o1["BLOCK_K"], o1["num_stages"]) == (512, 1)
+    assert default_config(1, 6144, 4096, bf, False, dev, None, True)["BLOCK_K"] == 1024    # qkv: unchanged
+    assert default_config(1, 896, 4864, bf, False, dev)["BLOCK_K"] == 1024                 # small models too
+    assert default_config(1, 2048, 8192, bf, False, dev)["num_warps"] == 4
     default_config.cache_clear()
     # the interpreter gets few big programs (CPU test speed), still a valid tiling
     cpu = default_config(1, 307, 96, torch.float32, False, torch.device("cpu"))
@@ -298,3 +306,10 @@ def test_split_k_heuristic(monkeypatch):
         assert default_config(8, 896, 4864, bf, False, dev)["SPLIT_K"] == 1
     finally:
         default_config.cache_clear()
+
+
+@pytest.mark.parametrize("cfg", [dict(BLOCK_N=4, BLOCK_K=2048, num_warps=8, num_stages=2),
+                                 dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)], ids=["down", "o_proj"])
+def test_big_model_batch1_gemv_tiles(cfg):
+    """The 7-9B batch-1 GEMV tiles (default_config) on odd sizes: an N tail and a short last K tile."""
+    run_case(1, 37, 4500, torch.bfloat16, dict(residual="inplace"), "gemv", seed=33, extra_cfg=cfg)

@@ -297,7 +297,15 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
         block_n = min(block_n, next_pow2(n_out))
         # ~4096 fp32 accumulator elements per program (32 registers/thread at 4 warps; x2 with act).
         block_k = max(32, min(4096 // (block_m * block_n), next_pow2(K), 1024))
-        return dict(path="gemv", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        warps = 4
+        if M == 1 and not has_act and n_out * K >= (1 << 25) and K >= 8192:
+            # 7-9B down projections: twice the K tile on twice the warps. H100 sweep, Llama-3.1-8B
+            # (results/2026-11-26-h100-s7 runC, gemv-llama8b-b1): down 54.6 -> 50.4 us
+            block_k, warps, stages = 2048, 8, 2
+        elif M == 1 and not has_act and not has_norm and 8192 > K >= 3072 and n_out * K >= (3 << 22):
+            # 7-9B o_proj: shorter K tiles, no pipelining (same sweep: 19.1 -> 18.0 us)
+            block_k, stages = 512, 1
+        return dict(path="gemv", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                     num_stages=stages)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if block_m == 16 and K >= 2048 and n_out * K >= (1 << 23) and (has_act or n_out < 32768):
