@@ -3,7 +3,9 @@
 One program per (token b, kv head g, split s) handles all G = n_heads // n_kv_heads query heads that
 share kv head g, so each K/V tile is read from memory once per group instead of once per query head
 (what HF's repeat_kv costs). Long caches are split along the sequence so that small batches still fill
-the GPU; a second tiny kernel merges the per-split partials (m, l, acc) in fp32.
+the GPU; the per-split partials (m, l, acc) are merged in fp32, for up to FUSED_COMBINE_MAX_SPLITS splits
+by the split program that finishes last (an arrival counter per (token, kv head): one kernel per layer
+fewer), above that by a second tiny kernel.
 
 Graph safety: the grid and all constexprs depend only on shapes; kv_lens, the padding mask and the
 window bounds are read on the device, and each program loops only up to its row's kv_len (never over
@@ -12,6 +14,8 @@ an equal, BLOCK_S-aligned share of [lo, kv_len) computed on the device, and spli
 kv_len write an empty partial (m=-inf, l=0, acc=0).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,6 +31,10 @@ if triton is not None:
 # splits 4.7 us vs 1 split 11.3 us); the partial write is ~2 KB per (token, kv head, split).
 MIN_SPLIT_LEN = 64
 MAX_SPLITS = 128
+# The last-arriving split merges the partials itself up to this many splits (it reads them all: at batch
+# 1 and short contexts that is 8 x (m, l, head_dim) per head from L2); longer caches keep the combine
+# kernel, whose programs merge one head each in parallel. BRAID_FUSED_COMBINE=0 always launches it (A/B).
+FUSED_COMBINE_MAX_SPLITS = 16 if os.environ.get("BRAID_FUSED_COMBINE", "1") != "0" else 0
 
 if triton is not None:
 
@@ -36,11 +44,12 @@ if triton is not None:
         k_ptr, v_ptr, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         kv_lens_ptr, valid_ptr, stride_valid,
         out_ptr, stride_om,
-        wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as,
+        wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as, cnt_ptr,
         scale, softcap, window,
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+        FUSE_COMBINE: tl.constexpr, SPLITS_PAD: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -132,6 +141,36 @@ if triton is not None:
             tl.store(wl_ptr + wrow, l_i, mask=gmask)
             arow = b * stride_ab + heads[:, None] * stride_ah + s * stride_as + d[None, :]
             tl.store(wacc_ptr + arow, acc, mask=gmask[:, None] & dmask[None, :])
+            if FUSE_COMBINE:
+                # every thread's partial is stored before one thread's release-increment publishes it
+                tl.debug_barrier()
+                cnt = cnt_ptr + b * tl.num_programs(1) + g
+                if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                    # the last split of this (token, kv head) merges all of them, as the combine kernel
+                    # does; .cg: other SMs wrote the partials, read them from L2, never a stale L1 line
+                    sp = tl.arange(0, SPLITS_PAD)
+                    wbase = b * stride_wb + heads * stride_wh
+                    m2mask = gmask[:, None] & (sp < NUM_SPLITS)[None, :]
+                    m2 = tl.load(wm_ptr + wbase[:, None] + sp[None, :], mask=m2mask, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    l2 = tl.load(wl_ptr + wbase[:, None] + sp[None, :], mask=m2mask, other=0.0,
+                                 cache_modifier=".cg")
+                    m_max = tl.max(m2, axis=1)
+                    m_sub = tl.where(m_max == float("-inf"), 0.0, m_max)
+                    l_tot = tl.sum(tl.exp2(m2 - m_sub[:, None]) * l2, axis=1)   # empty splits: exp2(-inf) = 0
+                    o = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+                    for s2 in tl.static_range(NUM_SPLITS):
+                        m_s = tl.load(wm_ptr + wbase + s2, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+                        a_s = tl.load(wacc_ptr + b * stride_ab + heads[:, None] * stride_ah + s2 * stride_as
+                                      + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0,
+                                      cache_modifier=".cg")
+                        o += tl.exp2(m_s - m_sub)[:, None] * a_s
+                    o = o / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+                    if FIX_BF16:
+                        o = _rne_bf16(o)
+                    tl.store(out_ptr + b * stride_om + heads[:, None] * HEAD_DIM + d[None, :], o.to(DT),
+                             mask=gmask[:, None] & dmask[None, :])
+                    tl.atomic_xchg(cnt, 0)   # back to 0 for the next launch (the next layer's included)
 
     @triton.jit
     def _attn_combine_kernel(
@@ -185,11 +224,14 @@ def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
 
 def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, device) -> tuple:
     """fp32 partials for `num_splits` > 1: (m (M, H, S) log2-domain running max, l (M, H, S) softmax
-    denominators, acc (M, H, S, head_dim) unnormalised outputs). Allocate once, outside graph capture."""
+    denominators, acc (M, H, S, head_dim) unnormalised outputs, counters (M * H,) int32 zeros: the
+    arrival counts of the fused merge, left at 0 by every launch). Allocate once, outside graph capture.
+    A 3-tuple without the counters still works (the combine kernel then always runs)."""
     m = torch.empty(M, n_heads, num_splits, dtype=torch.float32, device=device)
     l = torch.empty(M, n_heads, num_splits, dtype=torch.float32, device=device)
     acc = torch.empty(M, n_heads, num_splits, head_dim, dtype=torch.float32, device=device)
-    return m, l, acc
+    counters = torch.zeros(M * n_heads, dtype=torch.int32, device=device)
+    return m, l, acc, counters
 
 def _block_s(block_d: int) -> int:
     # 64 positions x 128 dims of bf16 K and V = 32 KB per iteration: enough bytes in flight per
@@ -231,7 +273,12 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     if num_splits > 1:
         if workspace is None:
             workspace = attention_workspace(M, n_heads, head_dim, num_splits, q.device)
-        wm, wl, wacc = workspace
+        require(len(workspace) in (3, 4), "workspace must be what attention_workspace returns")
+        wm, wl, wacc = workspace[:3]
+        cnt = workspace[3] if len(workspace) == 4 else None
+        fuse = cnt is not None and num_splits <= FUSED_COMBINE_MAX_SPLITS
+        require(cnt is None or (cnt.dtype == torch.int32 and cnt.numel() >= M * n_kv and cnt.device == q.device),
+                f"workspace counters must be int32 with >= {M * n_kv} elements on {q.device}")
         require(wm.shape[0] >= M and tuple(wm.shape[1:]) == (n_heads, num_splits) and wm.stride(2) == 1
                 and wl.stride() == wm.stride() and wl.shape == wm.shape
                 and wacc.shape[0] >= M and tuple(wacc.shape[1:]) == (n_heads, num_splits, head_dim)
@@ -241,6 +288,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     else:
         wm = wl = wacc = out  # never touched with one split
         ws_strides = (0, 0, 0, 0, 0)
+        cnt, fuse = None, False
 
     block_d = max(16, next_pow2(head_dim))
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
@@ -257,14 +305,14 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         kv_lens, valid, valid.stride(0),
         out, out.stride(0),
-        wm, wl, wacc, *ws_strides,
+        wm, wl, wacc, *ws_strides, cnt if fuse else out,
         float(scale), float(softcap) if softcap else 1.0, int(window),
         G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=cfg["BLOCK_S"],
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
-        IEEE_DOT=ieee, FIX_BF16=fix_bf16,
+        IEEE_DOT=ieee, FIX_BF16=fix_bf16, FUSE_COMBINE=fuse, SPLITS_PAD=max(2, next_pow2(num_splits)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fuse:
         launch(_attn_combine_kernel, (M, n_heads))(
             wm, wl, wacc, *ws_strides,
             out, out.stride(0),
