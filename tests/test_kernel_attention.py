@@ -18,6 +18,15 @@ DEV = KERNEL_DEV
 pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 
+@pytest.fixture(autouse=True)
+def fused_merge_on(monkeypatch):
+    """The opt-in merge in the last split (BRAID_FUSED_COMBINE=1) is what these tests exercise with a
+    4-tuple workspace; the 3-tuple one (and test_fused_merge_only_up_to_its_split_limit) the combine kernel."""
+    import braid_backend.kernels.decode_attention as da
+
+    monkeypatch.setattr(da, "FUSED_COMBINE_MAX_SPLITS", 16)
+
+
 def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, valid_bool=True, holes=()):
     """Random inputs; every cache position a token must NOT attend holds NaN, so reading one fails.
 

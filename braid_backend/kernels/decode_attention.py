@@ -3,9 +3,9 @@
 One program per (token b, kv head g, split s) handles all G = n_heads // n_kv_heads query heads that
 share kv head g, so each K/V tile is read from memory once per group instead of once per query head
 (what HF's repeat_kv costs). Long caches are split along the sequence so that small batches still fill
-the GPU; the per-split partials (m, l, acc) are merged in fp32, for up to FUSED_COMBINE_MAX_SPLITS splits
-by the split program that finishes last (an arrival counter per (token, kv head): one kernel per layer
-fewer), above that by a second tiny kernel.
+the GPU; the per-split partials (m, l, acc) are merged in fp32 by a second tiny kernel, or (opt-in,
+BRAID_FUSED_COMBINE=1, up to FUSED_COMBINE_MAX_SPLITS splits) by the split program that finishes last
+(an arrival counter per (token, kv head)).
 
 Graph safety: the grid and all constexprs depend only on shapes; kv_lens, the padding mask and the
 window bounds are read on the device, and each program loops only up to its row's kv_len (never over
@@ -31,10 +31,13 @@ if triton is not None:
 # splits 4.7 us vs 1 split 11.3 us); the partial write is ~2 KB per (token, kv head, split).
 MIN_SPLIT_LEN = 64
 MAX_SPLITS = 128
-# The last-arriving split merges the partials itself up to this many splits (it reads them all: at batch
-# 1 and short contexts that is 8 x (m, l, head_dim) per head from L2); longer caches keep the combine
-# kernel, whose programs merge one head each in parallel. BRAID_FUSED_COMBINE=0 always launches it (A/B).
-FUSED_COMBINE_MAX_SPLITS = 16 if os.environ.get("BRAID_FUSED_COMBINE", "1") != "0" else 0
+# BRAID_FUSED_COMBINE=1: the last-arriving split merges the partials itself up to this many splits (it
+# reads them all: at batch 1 and short contexts 8 x (m, l, head_dim) per head from L2), one kernel per
+# layer fewer; longer caches keep the combine kernel, whose programs merge one head each in parallel.
+# Off by default: on an H100 (2026-11-26, session 7, results/2026-11-26-h100-s7/runE, same card) the
+# Qwen2.5-0.5B batch-1 step took 0.770 ms with it and 0.762 ms without (ranges overlapping): under PDL
+# the separate combine kernel cost about what the serial merge in the last split costs.
+FUSED_COMBINE_MAX_SPLITS = 16 if os.environ.get("BRAID_FUSED_COMBINE", "0") == "1" else 0
 
 if triton is not None:
 
