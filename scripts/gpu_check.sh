@@ -46,6 +46,8 @@ for s in $STAGES; do
         gpu) files=tests/test_gpu.py; sel="-m gpu" ;;
         families) files=tests/test_families.py; sel="-m gpu" ;;
         optimum) files=tests/test_optimum.py; sel="-m gpu" ;;
+        # a file path: kernel test files hold no gpu-marked tests (they run on the GPU as they are)
+        */test_kernel_*) files=$grp; sel="" ;;
         *) files=$grp; sel="-m gpu" ;;
       esac
       tlog=$WORK/tests-$(basename "$grp" .py).log   # a group may be a test file path
