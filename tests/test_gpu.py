@@ -286,5 +286,8 @@ def test_row_chunked_prefill_matches_one_forward(monkeypatch, caplog):
     assert any("in 3 row groups of 1 rows" in r.message for r in caplog.records)
     assert model._braid_session.cache.row0 == 0 and len(lasts) == 2
     assert rel_err(lasts[1], lasts[0]) < 1e-2, rel_err(lasts[1], lasts[0])
-    # later tokens of random weights can flip on near-ties: the first one comes from these logits
-    assert torch.equal(rows[:, 300], whole[:, 300])
+    # the first new token comes from these logits; random weights may have near-ties, which a 1-ulp
+    # difference can flip: rows whose top-2 margin is clear must pick the same token
+    top2 = lasts[0].topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
+    assert torch.equal(rows[clear, 300], whole[clear, 300])
