@@ -80,6 +80,16 @@ if HAS_TRITON:
         return round_to(h, DTYPE, BF16_FIX)
 
     @triton.jit
+    def arrive_last(cnt_ptr, N: tl.constexpr):
+        """Split-reduction semaphore: after this program stored its partial result, count it in at
+        `cnt_ptr`; True for the last of the N programs, which then reads every partial (with
+        cache_modifier=".cg": other SMs wrote them, never a stale L1 line) and resets the counter to 0
+        for the next launch. The CTA barrier orders every thread's stores before one thread's gpu-scope
+        acq_rel increment publishes them (the usual split-K semaphore pattern)."""
+        tl.debug_barrier()
+        return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == N - 1
+
+    @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
         """First thing a kernel launched by PDL does before touching anything an earlier kernel wrote
         (see pdl_enabled): wait for the previous kernel, then let the next one launch."""

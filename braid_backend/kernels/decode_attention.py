@@ -23,7 +23,7 @@ from ._common import (DOT_UPCAST, interpret_mode, launch, next_pow2, num_sms, pd
                       triton)
 
 if triton is not None:
-    from ._common import pdl_wait
+    from ._common import arrive_last, pdl_wait
     from ._common import rne_bf16 as _rne_bf16
 
 # One BLOCK_S tile per split at batch 1: on the H100 a split's time is the latency of its dependent
@@ -145,12 +145,10 @@ if triton is not None:
             arow = b * stride_ab + heads[:, None] * stride_ah + s * stride_as + d[None, :]
             tl.store(wacc_ptr + arow, acc, mask=gmask[:, None] & dmask[None, :])
             if FUSE_COMBINE:
-                # every thread's partial is stored before one thread's release-increment publishes it
-                tl.debug_barrier()
                 cnt = cnt_ptr + b * tl.num_programs(1) + g
-                if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                if arrive_last(cnt, NUM_SPLITS):
                     # the last split of this (token, kv head) merges all of them, as the combine kernel
-                    # does; .cg: other SMs wrote the partials, read them from L2, never a stale L1 line
+                    # does (.cg reads: see arrive_last)
                     sp = tl.arange(0, SPLITS_PAD)
                     wbase = b * stride_wb + heads * stride_wh
                     m2mask = gmask[:, None] & (sp < NUM_SPLITS)[None, :]

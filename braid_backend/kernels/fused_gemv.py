@@ -30,7 +30,7 @@ from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, launch, next_po
 
 if triton is not None:
     from ._common import pdl_wait
-    from ._common import apply_norm, round_to
+    from ._common import apply_norm, arrive_last, round_to
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
@@ -220,23 +220,17 @@ if triton is not None:
             tl.store(mine + loc, acc_g)
             if ACT != 0:
                 tl.store(mine + BLOCK_M * BLOCK_N + loc, acc_u)
-            # every thread's partial is stored before one thread's release-increment publishes them
-            # (the CTA barrier + a gpu-scope acq_rel atomic: the usual split-K semaphore pattern)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
+            if arrive_last(cnt_ptr + tile, SPLIT_K):
                 first = ws_ptr + (tile * SPLIT_K).to(tl.int64) * TILE
                 acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for s in range(SPLIT_K):   # split order, whoever arrives last: deterministic sums
-                    # .cg: other SMs wrote these; read them from L2, never a stale L1 line
                     acc_g += tl.load(first + s * TILE + loc, cache_modifier=".cg")
                     if ACT != 0:
                         acc_u += tl.load(first + s * TILE + BLOCK_M * BLOCK_N + loc, cache_modifier=".cg")
                 _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
                           stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
-                # back to 0 for the next launch (kernels that share the counters run after this one)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
+                tl.atomic_xchg(cnt_ptr + tile, 0)   # kernels sharing the counters run after this one
 
 
 # -------------------------------------------------------------------------------------- heuristics
@@ -430,14 +424,15 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
         cfg.update(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = int(cfg.get("SPLIT_K", 1)) if cfg["path"] == "tc" else 1
-    if config and int(config.get("SPLIT_K", 1)) > 1 and cfg["path"] != "tc":
+    asked = bool(config) and int(config.get("SPLIT_K", 1)) > 1   # by the caller, not the heuristic
+    if asked and cfg["path"] != "tc":
         raise ValueError("SPLIT_K applies to the tc path only")
-    if split > 1 and workspace is None:
-        if config and int(config.get("SPLIT_K", 1)) > 1:
-            raise ValueError("SPLIT_K > 1 needs a workspace (kernels.fused_gemv.GemvWorkspace)")
-        split = 1
+    if asked and workspace is None:
+        raise ValueError("SPLIT_K > 1 needs a workspace (kernels.fused_gemv.GemvWorkspace)")
     if split < 1:
         raise ValueError(f"SPLIT_K must be >= 1, got {split}")
+    if workspace is None:
+        split = 1   # the heuristic's split needs one; without it, one program per tile
     ws_args = (x, x)   # never dereferenced without a split (constexpr SPLIT_K == 1)
     if split > 1:
         elems, tiles = _split_need(dict(cfg, SPLIT_K=split), M, n_out, act is not None)
