@@ -291,3 +291,33 @@ def test_row_chunked_prefill_matches_one_forward(monkeypatch, caplog):
     top2 = lasts[0].topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
     assert torch.equal(rows[clear, 300], whole[clear, 300])
+
+
+@torch.no_grad()
+def test_l2_weight_streaming_changes_no_logit():
+    """The step with its L2 prefetch plan (sm_90+) gives bit-identical logits to the step without it."""
+    from braid_backend.model.l2stream import budget_bytes
+
+    if budget_bytes(torch.device("cuda")) == 0:
+        pytest.skip("no L2 bulk prefetch on this GPU (or BRAID_L2_PREFETCH_MB=0)")
+    model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=4)
+    braid_backend.patch(model, graphs=False)
+    ids = random_tokens(model.config.vocab_size, 3, 16, 11, "cuda")
+    model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=2)
+    st = model._braid_session
+    step, cache = st.step, st.cache
+    assert any(r is not None for layer in step.prefetch for r in layer), "no prefetch plan was made"
+    b = step.new_buffers(3, cache.max_len)
+    b.ids.copy_(ids[:, -1])
+    b.slots.fill_(cache.max_len - 1)
+    b.pos.fill_(20)
+    b.kv_lens.fill_(21)
+    plan = step.prefetch
+    with_pf = step.run(cache, b).clone()
+    step.prefetch = [[None] * 4 for _ in plan]
+    try:
+        without = step.run(cache, b).clone()
+    finally:
+        step.prefetch = plan
+    assert torch.isfinite(with_pf.float()).all()
+    assert torch.equal(with_pf, without)

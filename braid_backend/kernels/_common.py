@@ -90,6 +90,36 @@ if HAS_TRITON:
         return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == N - 1
 
     @triton.jit
+    def _bulk_prefetch(ptr, nbytes):
+        # one thread per program issues it (every thread holds these scalars); size 0 issues nothing
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred q, r; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
+            " setp.ne.and.u32 r, $2, 0, q; @r cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_share(ptr, n, pid, nprog):
+        share = tl.cdiv(n, nprog * 16) * 16          # bytes per program, 16-byte multiples
+        lo = pid.to(tl.int64) * share
+        hi = tl.minimum(lo + share, n)
+        for off in range(lo, hi, 65536):
+            _bulk_prefetch(ptr + off, tl.minimum(hi - off, 65536).to(tl.int32))
+
+    @triton.jit
+    def l2_prefetch(p0, n0, p1, n1, p2, n2, nprog, PREFETCH: tl.constexpr):
+        """Ask L2 for up to three byte ranges (uint8 pointers, lengths in bytes, 16-byte multiples) that
+        a later kernel reads (the next projections' weights: model/l2stream.py), fire and forget
+        (sm_90 bulk prefetch). Programs 0..nprog-1 each take a 1/nprog share: the first wave, so that
+        everything is asked for as soon as this kernel starts. Call it before pdl_wait."""
+        if PREFETCH:
+            pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1)
+                                                            * tl.program_id(2))
+            if pid < nprog:
+                _prefetch_share(p0, n0, pid, nprog)
+                _prefetch_share(p1, n1, pid, nprog)
+                _prefetch_share(p2, n2, pid, nprog)
+
+    @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
         """First thing a kernel launched by PDL does before touching anything an earlier kernel wrote
         (see pdl_enabled): wait for the previous kernel, then let the next one launch."""
@@ -187,6 +217,39 @@ def pdl_launch_kwargs(device: torch.device) -> dict:
     """The constexpr flag and the launch option that go together (launch_pdl only where it is on: the
     interpreter does not take it)."""
     return dict(USE_PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(USE_PDL=False)
+
+
+_BULK_PREFETCH: dict = {}
+
+
+def l2_prefetch_supported(device: torch.device) -> bool:
+    """sm_90+ GPUs (cp.async.bulk.prefetch.L2); never under the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda" or not HAS_TRITON or interpret_mode():
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _BULK_PREFETCH:
+        _BULK_PREFETCH[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _BULK_PREFETCH[idx]
+
+
+def l2_prefetch_args(ranges, device: torch.device, dummy: torch.Tensor, programs: int) -> tuple[tuple, dict]:
+    """Kernel arguments and constexpr flag of `l2_prefetch` for up to three byte ranges (1-D uint8
+    tensors on `device`, 16-byte aligned, lengths multiples of 16); `ranges` None or empty: off."""
+    if not ranges:
+        return (dummy, 0, dummy, 0, dummy, 0, 1), dict(PREFETCH=False)
+    ranges = list(ranges)
+    require(len(ranges) <= 3, f"at most 3 prefetch ranges, got {len(ranges)}")
+    require(l2_prefetch_supported(device), f"L2 prefetch needs an sm_90+ GPU, not {device}")
+    args = []
+    for r in ranges:
+        require(r.dtype == torch.uint8 and r.dim() == 1 and r.device == device,
+                "prefetch ranges must be 1-D uint8 tensors on the kernel's device")
+        require(r.data_ptr() % 16 == 0 and r.numel() % 16 == 0,
+                "prefetch ranges must start 16-byte aligned and be a multiple of 16 bytes long")
+        args += [r, r.numel()]
+    args += [ranges[0], 0] * (3 - len(ranges))   # same pointer type: no extra kernel variant
+    return (*args, max(1, min(programs, num_sms(device)))), dict(PREFETCH=True)
 
 
 def next_pow2(n: int) -> int:

@@ -25,12 +25,12 @@ import os
 
 import torch
 
-from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, launch, next_pow2, norm_reference, num_sms,
-                      pdl_launch_kwargs, tl, triton)
+from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, l2_prefetch_args, launch, next_pow2,
+                      norm_reference, num_sms, pdl_launch_kwargs, tl, triton)
 
 if triton is not None:
     from ._common import pdl_wait
-    from ._common import apply_norm, arrive_last, round_to
+    from ._common import apply_norm, arrive_last, l2_prefetch, round_to
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
@@ -107,10 +107,11 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
+        pf0, pn0, pf1, pn1, pf2, pn2, pf_progs,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -131,6 +132,7 @@ if triton is not None:
         wu = wg
         if ACT != 0:
             wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH)
         pdl_wait(USE_PDL)
         r = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
@@ -155,12 +157,14 @@ if triton is not None:
     @triton.jit
     def _tc_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
-        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale, ws_ptr, cnt_ptr,
+        M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
+        pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, ws_ptr, cnt_ptr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         NACC: tl.constexpr,
         BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
         pid_m = tl.program_id(0)
@@ -180,6 +184,7 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
         u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH)
         pdl_wait(USE_PDL)  # everything below may read what the previous kernel writes
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
@@ -377,7 +382,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
                norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: dict | None = None,
-               res_scale: float | None = None, workspace: GemvWorkspace | None = None) -> torch.Tensor:
+               res_scale: float | None = None, workspace: GemvWorkspace | None = None,
+               prefetch=None) -> torch.Tensor:
     """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]) [* res_scale]; see the module
     docstring (res_scale only with residual: Granite's `residual + y * residual_multiplier`).
 
@@ -386,7 +392,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     residual-stream update). No host sync, no allocation when `out` is given. `config` overrides
     the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
     SPLIT_K (tc only; > 1 needs `workspace`). Without a workspace the heuristic's split is not used
-    (one program per tile); the decode step passes one (gemv_workspace)."""
+    (one program per tile); the decode step passes one (gemv_workspace). `prefetch`: up to three byte
+    ranges (1-D uint8 views) that later kernels read, asked of L2 before the PDL wait (sm_90+;
+    model/l2stream.py plans them); results do not depend on it."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
     check_norm_mode(norm_mode)
@@ -452,13 +460,16 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                  **pdl_launch_kwargs(x.device))
+    grid = ((triton.cdiv(n_out, bn), triton.cdiv(M, bm)) if cfg["path"] == "gemv" else
+            (triton.cdiv(M, bm), triton.cdiv(n_out, bn), split))
+    pf_args, pf_flag = l2_prefetch_args(prefetch, x.device, x, grid[0] * grid[1] * split)
+    args += pf_args
+    flags.update(pf_flag)
     if cfg["path"] == "gemv":
-        grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
         launch(_gemv_kernel, grid)(*args, **flags)
     elif cfg["path"] == "tc":
         if min(bm, bn, bk) < 16:
             raise ValueError(f"tc path needs BLOCK_M/N/K >= 16, got {bm}/{bn}/{bk}")
-        grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn), split)
         launch(_tc_kernel, grid)(*args, *ws_args, **flags, SPLIT_K=split, NACC=2 if act is not None else 1,
                                  DOT_UPCAST=DOT_UPCAST, IEEE=DOT_UPCAST or x.dtype == torch.float32)
     else:

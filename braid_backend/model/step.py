@@ -34,6 +34,7 @@ from ..kernels.fused_gemv import fused_gemv, gemv_workspace
 from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
+from .l2stream import stream_plan
 from .spec import ModelPlan, norm_eps
 from .tp import FlagPartials, local
 
@@ -161,6 +162,9 @@ class DecodeStep:
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
         self.table_len = 0
         self.weights_ptr = self._weights_ptr()
+        # per layer, the L2 prefetch ranges of its qkv, o_proj, gate_up and down launches (l2stream.py)
+        pf = stream_plan([w for fl in self.layers for w in (fl.w_qkv, fl.w_o, fl.w_gu, fl.w_down)], self.device)
+        self.prefetch = [pf[4 * i:4 * i + 4] for i in range(len(self.layers))]
 
     def _weights_ptr(self) -> int:
         return local(self.plan.layers[0].q.weight).data_ptr()
@@ -176,6 +180,7 @@ class DecodeStep:
         unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
                         for m in group])
         self.layers.clear()
+        self.prefetch.clear()   # uint8 views of the weights: they would keep them alive
         self.tables.clear()
 
     # -- rope ----------------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ class DecodeStep:
         return StepBuffers(self, M, max_len)
 
     # -- the step ------------------------------------------------------------------------------------
-    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float, slot: int) -> None:
+    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float, slot: int, pf=None) -> None:
         """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points.
 
         Tensor parallel: this rank's partial sum is rounded to the dtype, all-reduced, and the bias is
@@ -253,11 +258,12 @@ class DecodeStep:
         direct = post_norm is None   # the sublayer's output goes straight into x (times m for Granite)
         if tp is None:
             if direct:   # x + y, or Granite's x + rnd(y * m), in the GEMV's epilogue
-                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult, workspace=b.gemv_ws)
+                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult,
+                           workspace=b.gemv_ws, prefetch=pf)
                 return
-            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws)
+            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws, prefetch=pf)
         elif isinstance(b.part, FlagPartials):
-            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws)
+            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws, prefetch=pf)
             if direct and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
@@ -268,10 +274,11 @@ class DecodeStep:
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
                 dst = b.x if b.part is None else b.part
-                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws)
+                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws,
+                           prefetch=pf)
                 tp.reduce_into(b.part, b.x)
                 return
-            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws)
+            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws, prefetch=pf)
             tp.reduce_into(b.part, b.tmp)
             if bias is not None:
                 b.tmp.add_(bias)
@@ -321,9 +328,9 @@ class DecodeStep:
         ropes = self._rope_inputs(b)
         full_qk = p.spec.qk_norm == "full"
         for i, fl in enumerate(self.layers):
-            lp = fl.plan
+            lp, pf = fl.plan, self.prefetch[i]
             fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
-                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws)
+                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws, prefetch=pf[0])
             if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
                 rmsnorm(b.qkv[:, :dq], _w(lp.q_norm), eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
                         out=b.qkv[:, :dq])
@@ -339,10 +346,10 @@ class DecodeStep:
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
                              workspace=b.ws)
-            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0)
+            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0, pf[1])
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
-                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws)
-            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
+                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, prefetch=pf[2])
+            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1, pf[3])
         return self._head(b)
 
     def _head(self, b: StepBuffers) -> torch.Tensor:
