@@ -90,34 +90,44 @@ if HAS_TRITON:
         return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == N - 1
 
     @triton.jit
-    def _bulk_prefetch(ptr, nbytes):
-        # one thread per program issues it (every thread holds these scalars); size 0 issues nothing
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred q, r; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
-            " setp.ne.and.u32 r, $2, 0, q; @r cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+    def _bulk_prefetch(ptr, nbytes, HINT: tl.constexpr):
+        # one thread per program issues it (every thread holds these scalars); size 0 issues nothing.
+        # HINT: with an evict_last L2 policy, so that the streaming reads in between do not evict it
+        if HINT:
+            r = tl.inline_asm_elementwise(
+                "{ .reg .pred q, r; .reg .u32 t; .reg .b64 pol; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
+                " setp.ne.and.u32 r, $2, 0, q; createpolicy.fractional.L2::evict_last.b64 pol, 1.0;"
+                " @r cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
+                "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            r = tl.inline_asm_elementwise(
+                "{ .reg .pred q, r; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
+                " setp.ne.and.u32 r, $2, 0, q; @r cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+        return r
 
     @triton.jit
-    def _prefetch_share(ptr, n, pid, nprog):
+    def _prefetch_share(ptr, n, pid, nprog, CHUNK: tl.constexpr, HINT: tl.constexpr):
         share = tl.cdiv(n, nprog * 16) * 16          # bytes per program, 16-byte multiples
         lo = pid.to(tl.int64) * share
         hi = tl.minimum(lo + share, n)
-        for off in range(lo, hi, 65536):
-            _bulk_prefetch(ptr + off, tl.minimum(hi - off, 65536).to(tl.int32))
+        for off in range(lo, hi, CHUNK):
+            _bulk_prefetch(ptr + off, tl.minimum(hi - off, CHUNK).to(tl.int32), HINT)
 
     @triton.jit
     def l2_prefetch(p0, n0, p1, n1, p2, n2, nprog, PREFETCH: tl.constexpr):
         """Ask L2 for up to three byte ranges (uint8 pointers, lengths in bytes, 16-byte multiples) that
         a later kernel reads (the next projections' weights: model/l2stream.py), fire and forget
         (sm_90 bulk prefetch). Programs 0..nprog-1 each take a 1/nprog share: the first wave, so that
-        everything is asked for as soon as this kernel starts. Call it before pdl_wait."""
-        if PREFETCH:
+        everything is asked for as soon as this kernel starts. PREFETCH: 0 off, else
+        (chunk bytes << 2) | (evict_last hint << 1) | 1 (see PF_CHUNK / PF_HINT)."""
+        if PREFETCH != 0:
             pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1)
                                                             * tl.program_id(2))
             if pid < nprog:
-                _prefetch_share(p0, n0, pid, nprog)
-                _prefetch_share(p1, n1, pid, nprog)
-                _prefetch_share(p2, n2, pid, nprog)
+                _prefetch_share(p0, n0, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
+                _prefetch_share(p1, n1, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
+                _prefetch_share(p2, n2, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
 
     @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
@@ -220,6 +230,13 @@ def pdl_launch_kwargs(device: torch.device) -> dict:
 
 
 _BULK_PREFETCH: dict = {}
+# How the prefetch is issued (benchmarks/l2_prefetch_sweep.py sets these): bytes per instruction, the
+# evict_last hint, how many programs issue (None: one per SM), at the kernel's start (before the PDL
+# wait) or its end (after the epilogue).
+PF_CHUNK = 65536
+PF_HINT = False
+PF_PROGS: int | None = None
+PF_AT_END = False
 
 
 def l2_prefetch_supported(device: torch.device) -> bool:
@@ -237,7 +254,7 @@ def l2_prefetch_args(ranges, device: torch.device, dummy: torch.Tensor, programs
     """Kernel arguments and constexpr flag of `l2_prefetch` for up to three byte ranges (1-D uint8
     tensors on `device`, 16-byte aligned, lengths multiples of 16); `ranges` None or empty: off."""
     if not ranges:
-        return (dummy, 0, dummy, 0, dummy, 0, 1), dict(PREFETCH=False)
+        return (dummy, 0, dummy, 0, dummy, 0, 1), dict(PREFETCH=0, PF_AT_END=False)
     ranges = list(ranges)
     require(len(ranges) <= 3, f"at most 3 prefetch ranges, got {len(ranges)}")
     require(l2_prefetch_supported(device), f"L2 prefetch needs an sm_90+ GPU, not {device}")
@@ -249,7 +266,8 @@ def l2_prefetch_args(ranges, device: torch.device, dummy: torch.Tensor, programs
                 "prefetch ranges must start 16-byte aligned and be a multiple of 16 bytes long")
         args += [r, r.numel()]
     args += [ranges[0], 0] * (3 - len(ranges))   # same pointer type: no extra kernel variant
-    return (*args, max(1, min(programs, num_sms(device)))), dict(PREFETCH=True)
+    progs = max(1, min(programs, PF_PROGS or num_sms(device)))
+    return (*args, progs), dict(PREFETCH=(PF_CHUNK << 2) | (int(PF_HINT) << 1) | 1, PF_AT_END=PF_AT_END)
 
 
 def next_pow2(n: int) -> int:

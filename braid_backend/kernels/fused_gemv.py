@@ -111,7 +111,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_AT_END: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -132,7 +132,7 @@ if triton is not None:
         wu = wg
         if ACT != 0:
             wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH)
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * (1 - PF_AT_END))
         pdl_wait(USE_PDL)
         r = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
@@ -153,6 +153,7 @@ if triton is not None:
         _epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), offs_m, offs_n, M, N_OUT,
                   b_ptr, res_ptr, stride_rm, out_ptr, stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE,
                   BF16_FIX)
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * PF_AT_END)
 
     @triton.jit
     def _tc_kernel(
@@ -164,7 +165,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         NACC: tl.constexpr,
         BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, PF_AT_END: tl.constexpr,
     ):
         # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
         pid_m = tl.program_id(0)
@@ -184,7 +185,7 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
         u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH)
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * (1 - PF_AT_END))
         pdl_wait(USE_PDL)  # everything below may read what the previous kernel writes
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
@@ -236,6 +237,7 @@ if triton is not None:
                 _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
                           stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
                 tl.atomic_xchg(cnt_ptr + tile, 0)   # kernels sharing the counters run after this one
+        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * PF_AT_END)
 
 
 # -------------------------------------------------------------------------------------- heuristics
