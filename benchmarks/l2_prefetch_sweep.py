@@ -4,7 +4,7 @@ the fused step, one graph per variant, timed with CUDA events in one process on 
     python benchmarks/l2_prefetch_sweep.py qwen2.5-0.5b --batch 1 \
         --variants "0 8 20 20:hint 20:end 20:progs=16 20:chunk=16384 0"
 
-A variant is MB ahead (0: off) with options: hint (evict_last policy), end (issued after the epilogue
+A variant is MB ahead (0: off) with options: next (only the next weight, whole, if at most MB), hint (evict_last policy), end (issued after the epilogue
 instead of before the PDL wait), progs=N (programs that issue), chunk=BYTES (bytes per instruction).
 Each variant is timed in `--rounds` rounds interleaved with the others (drift shows as spread).
 """
@@ -26,9 +26,9 @@ from braid_backend.testing.presets import build_model
 
 def parse(v: str) -> dict:
     mb, *opts = v.split(":")
-    d = dict(name=v, mb=float(mb), hint=False, end=False, progs=None, chunk=65536)
+    d = dict(name=v, mb=float(mb), hint=False, end=False, next=False, progs=None, chunk=65536)
     for o in opts:
-        if o in ("hint", "end"):
+        if o in ("hint", "end", "next"):
             d[o] = True
         elif o.startswith("progs="):
             d["progs"] = int(o[6:])
@@ -43,6 +43,7 @@ def apply(step, weights, v: dict) -> None:
     os.environ["BRAID_L2_PREFETCH_MB"] = str(v["mb"])
     _common.PF_HINT, _common.PF_AT_END = v["hint"], v["end"]
     _common.PF_PROGS, _common.PF_CHUNK = v["progs"], v["chunk"]
+    l2stream.NEXT_SMALL = v["next"]
     pf = l2stream.stream_plan(weights, step.device)
     step.prefetch = [pf[4 * i:4 * i + 4] for i in range(len(step.layers))]
 

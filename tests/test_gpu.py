@@ -294,12 +294,13 @@ def test_row_chunked_prefill_matches_one_forward(monkeypatch, caplog):
 
 
 @torch.no_grad()
-def test_l2_weight_streaming_changes_no_logit():
-    """The step with its L2 prefetch plan (sm_90+) gives bit-identical logits to the step without it."""
+def test_l2_weight_streaming_changes_no_logit(monkeypatch):
+    """The step with an L2 prefetch plan (sm_90+, opt-in) gives bit-identical logits to the step without it."""
     from braid_backend.model.l2stream import budget_bytes
 
+    monkeypatch.setenv("BRAID_L2_PREFETCH_MB", "8")
     if budget_bytes(torch.device("cuda")) == 0:
-        pytest.skip("no L2 bulk prefetch on this GPU (or BRAID_L2_PREFETCH_MB=0)")
+        pytest.skip("no L2 bulk prefetch on this GPU")
     model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=4)
     braid_backend.patch(model, graphs=False)
     ids = random_tokens(model.config.vocab_size, 3, 16, 11, "cuda")

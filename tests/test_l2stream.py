@@ -66,7 +66,20 @@ def test_qwen_layer_plan():
     assert win[-1] == []
 
 
-def test_cpu_has_no_stream():
+def test_cpu_has_no_stream_and_bad_settings_are_refused(monkeypatch):
     w = [torch.zeros(64, 64) for _ in range(4)]
-    assert budget_bytes(torch.device("cpu")) == 0
-    assert stream_plan(w, torch.device("cpu")) == [None] * 4
+    for v in ("8", "auto", "0"):
+        monkeypatch.setenv("BRAID_L2_PREFETCH_MB", v)
+        assert budget_bytes(torch.device("cpu")) == 0
+        assert stream_plan(w, torch.device("cpu")) == [None] * 4
+    monkeypatch.setenv("BRAID_L2_PREFETCH_MB", "lots")
+    with pytest.raises(ValueError, match="BRAID_L2_PREFETCH_MB"):
+        budget_bytes(torch.device("cpu"))
+
+
+def test_next_small_policy():
+    from braid_backend.model.l2stream import plan_next_small
+
+    sizes = [2 * MB, 1 * MB + 8, 17 * MB, 9 * MB, 2 * MB]
+    assert plan_next_small(sizes, 2 * MB) == [[(1, 0, 1 * MB)], [], [], [(4, 0, 2 * MB)], []]
+    assert plan_next_small(sizes, 0) == [[] for _ in sizes]

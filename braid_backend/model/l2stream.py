@@ -1,4 +1,4 @@
-"""L2 streaming of a decode step's weights (Hopper+): each projection kernel asks L2 for the weights
+"""L2 streaming of a decode step's weights (Hopper+; opt-in, BRAID_L2_PREFETCH_MB): each projection kernel asks L2 for the weights
 the next few projections will read, so that HBM keeps streaming through the steps that read little
 (norms, RoPE, attention, launch gaps) and the projections then read from L2.
 
@@ -25,6 +25,7 @@ log = logging.getLogger("braid_backend")
 
 MAX_RANGES = 3        # byte ranges one kernel launch takes (kernels/_common.l2_prefetch)
 L2_FRACTION = 0.4     # default budget: this fraction of the GPU's L2 (H100: 50 MB -> 20 MB)
+NEXT_SMALL = False    # plan_next_small instead of plan_windows (benchmarks/l2_prefetch_sweep.py sets it)
 
 
 def plan_windows(sizes: list[int], budget: int, max_ranges: int = MAX_RANGES) -> list[list[tuple[int, int, int]]]:
@@ -53,20 +54,32 @@ def plan_windows(sizes: list[int], budget: int, max_ranges: int = MAX_RANGES) ->
     return out
 
 
+def plan_next_small(sizes: list[int], cap: int) -> list[list[tuple[int, int, int]]]:
+    """The "next small weight" policy: kernel j prefetches weight j + 1 whole when it is at most `cap`
+    bytes (a latency-bound projection such as o_proj or the next layer's qkv), and nothing else."""
+    out: list[list[tuple[int, int, int]]] = [[] for _ in sizes]
+    for j in range(len(sizes) - 1):
+        n = sizes[j + 1] // 16 * 16
+        if 0 < n <= cap:
+            out[j].append((j + 1, 0, n))
+    return out
+
+
 def budget_bytes(device: torch.device) -> int:
-    """How far ahead the stream runs: BRAID_L2_PREFETCH_MB (0: off), else L2_FRACTION of L2; 0 where
-    bulk prefetch is not available (CPU, interpreter, pre-Hopper GPUs)."""
-    if not l2_prefetch_supported(device):
+    """How far ahead the stream runs, from BRAID_L2_PREFETCH_MB: unset or 0 (the default) off, a number
+    of MB, or "auto" (L2_FRACTION of L2). 0 where bulk prefetch is not available (CPU, interpreter,
+    pre-Hopper GPUs). Off by default: on the H100 every preset's step was slower with it (benchmarks/
+    NOTES.md, session 8), except Qwen2.5-0.5B with 2-4 MB (-3%)."""
+    env = os.environ.get("BRAID_L2_PREFETCH_MB", "0").strip().lower()
+    try:
+        mb = None if env == "auto" else float(env or 0)
+    except ValueError:
+        raise ValueError(f"BRAID_L2_PREFETCH_MB must be a number of MB, 0 (off) or 'auto', got {env!r}") from None
+    if mb == 0 or not l2_prefetch_supported(device):
         return 0
-    env = os.environ.get("BRAID_L2_PREFETCH_MB")
-    if env is not None:
-        try:
-            mb = float(env)
-        except ValueError:
-            raise ValueError(f"BRAID_L2_PREFETCH_MB must be a number of MB (0: off), got {env!r}") from None
-        return max(0, int(mb * (1 << 20)))
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "L2_cache_size", 0) * L2_FRACTION)
+    if mb is None:
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) * L2_FRACTION)
+    return max(0, int(mb * (1 << 20)))
 
 
 def _bytes_view(t: torch.Tensor, off: int, n: int) -> torch.Tensor:
@@ -81,7 +94,7 @@ def stream_plan(weights: list[torch.Tensor], device: torch.device) -> list[tuple
         return [None] * len(weights)
     ok = [w.is_contiguous() and w.data_ptr() % 16 == 0 for w in weights]
     sizes = [w.numel() * w.element_size() if good else 0 for w, good in zip(weights, ok)]
-    windows = plan_windows(sizes, budget)
+    windows = plan_next_small(sizes, budget) if NEXT_SMALL else plan_windows(sizes, budget)
     log.info("braid_backend: L2 weight streaming, %.1f MB ahead of the projections (%d weights)",
              budget / (1 << 20), sum(ok))
     return [tuple(_bytes_view(weights[i], off, n) for i, off, n in win) or None for win in windows]
