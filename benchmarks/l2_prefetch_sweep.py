@@ -4,7 +4,8 @@ the fused step, one graph per variant, timed with CUDA events in one process on 
     python benchmarks/l2_prefetch_sweep.py qwen2.5-0.5b --batch 1 \
         --variants "0 8 20 20:hint 20:end 20:progs=16 20:chunk=16384 0"
 
-A variant is MB ahead (0: off) with options: next (only the next weight, whole, if at most MB), hint (evict_last policy), end (issued after the epilogue
+A variant is MB ahead (0: off) with options: rope-kernel (the separate rope kernel instead of the rope in
+the attention kernel, BRAID_FUSED_ROPE=0), next (only the next weight, whole, if at most MB), hint (evict_last policy), end (issued after the epilogue
 instead of before the PDL wait), progs=N (programs that issue), chunk=BYTES (bytes per instruction).
 Each variant is timed in `--rounds` rounds interleaved with the others (drift shows as spread).
 """
@@ -20,15 +21,18 @@ import torch
 import braid_backend
 from braid_backend.kernels import _common
 from braid_backend.model import l2stream
+from braid_backend.model import step as step_mod
 from braid_backend.testing.numerics import random_tokens
 from braid_backend.testing.presets import build_model
 
 
 def parse(v: str) -> dict:
     mb, *opts = v.split(":")
-    d = dict(name=v, mb=float(mb), hint=False, end=False, next=False, progs=None, chunk=65536)
+    d = dict(name=v, mb=float(mb), hint=False, end=False, next=False, progs=None, chunk=65536, rope_kernel=False)
     for o in opts:
-        if o in ("hint", "end", "next"):
+        if o == "rope-kernel":
+            d["rope_kernel"] = True
+        elif o in ("hint", "end", "next"):
             d[o] = True
         elif o.startswith("progs="):
             d["progs"] = int(o[6:])
@@ -44,6 +48,7 @@ def apply(step, weights, v: dict) -> None:
     _common.PF_HINT, _common.PF_AT_END = v["hint"], v["end"]
     _common.PF_PROGS, _common.PF_CHUNK = v["progs"], v["chunk"]
     l2stream.NEXT_SMALL = v["next"]
+    step_mod._FUSED_ROPE = not v["rope_kernel"]
     pf = l2stream.stream_plan(weights, step.device)
     step.prefetch = [pf[4 * i:4 * i + 4] for i in range(len(step.layers))]
 

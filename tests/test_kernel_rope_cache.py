@@ -179,3 +179,58 @@ def test_matches_hf_apply_rotary_pos_emb(dtype):
     else:
         torch.testing.assert_close(q_out, q_hf[:, :, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(k_written, k_hf[:, :, 0], rtol=1e-5, atol=1e-5)
+
+
+# decode_attention(rope=FusedRope(...)): the rope kernel's work in the attention kernel's prologue.
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}H{c[1]}KV{c[2]}D{c[3]}S{c[4]}r{c[5]}n{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_into_attention_equals_rope_kernel_then_attention(case, dtype, splits):
+    """Same attention output and the same cache contents as rope_qkv_cache_write + decode_attention,
+    with q_out poisoned (never read) and the written slots poisoned before the fused launch (the
+    covering split must use the new k/v, not the cache's stale slot). Row 0's slot is past its kv_len
+    (still written, not attended); the others attend their own new token."""
+    from braid_backend.kernels.decode_attention import attention_workspace, decode_attention
+    from braid_backend.kernels.rope_cache import FusedRope
+
+    M, H, KV, D, S_max, rope_dim, norm = case
+    t, kw = _make(M, H, KV, D, S_max, dtype, seed=7 * sum(case[:5]) + splits, rope_dim=rope_dim, norm=norm)
+    slots = t["slots"]
+    lens = (slots.long() + 1).to(torch.int32)
+    lens[0] = max(1, S_max // 2) if S_max > 1 else 1
+    if S_max > 1:
+        slots[0] = S_max - 1   # >= lens[0]
+    B = t["k_cache"].shape[0]
+    valid = torch.ones(B, S_max, dtype=torch.int8, device=DEV)
+    ns = min(splits, max(1, S_max // 2))
+    a, c = _clone(t), _clone(t)
+    rope_qkv_cache_write(**a, **kw)
+    ws = attention_workspace(M, H, D, ns, DEV) if ns > 1 else None
+    scale = D ** -0.5
+    ref = decode_attention(a["q_out"], a["k_cache"], a["v_cache"], lens, valid, scale=scale, num_splits=ns,
+                           workspace=ws)
+    rk = {k: kw[k] for k in ("q_norm_weight", "k_norm_weight", "eps", "norm_mode", "norm_offset") if k in kw}
+    fr = FusedRope(c["qkv"], c["cos"], c["sin"], c["positions"], c["slots"], rope_dim=rope_dim, **rk)
+    got = decode_attention(c["q_out"], c["k_cache"], c["v_cache"], lens, valid, scale=scale, num_splits=ns,
+                           workspace=ws, rope=fr)
+    assert torch.isnan(c["q_out"]).all(), "the fused path must not write q_out"
+    assert not torch.isnan(got).any()
+    assert torch.equal(c["k_cache"].nan_to_num(), a["k_cache"].nan_to_num())
+    assert not torch.isnan(c["k_cache"]).any() and not torch.isnan(c["v_cache"]).any(), "a slot was not written"
+    assert torch.equal(c["v_cache"], a["v_cache"])
+    assert torch.equal(got, ref)
+
+
+def test_fused_rope_checks():
+    from braid_backend.kernels.decode_attention import decode_attention
+    from braid_backend.kernels.rope_cache import FusedRope
+
+    t, kw = _make(2, 4, 2, 16, 9, torch.float32, seed=3)
+    valid = torch.ones(3, 9, dtype=torch.int8, device=DEV)
+    lens = torch.full((2,), 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="qkv"):
+        decode_attention(t["q_out"], t["k_cache"], t["v_cache"], lens, valid, scale=0.25,
+                         rope=FusedRope(t["qkv"][:, :40], t["cos"], t["sin"], t["positions"], t["slots"]))
+    with pytest.raises(ValueError, match="rope_dim"):
+        decode_attention(t["q_out"], t["k_cache"], t["v_cache"], lens, valid, scale=0.25,
+                         rope=FusedRope(t["qkv"], t["cos"], t["sin"], t["positions"], t["slots"], rope_dim=5))

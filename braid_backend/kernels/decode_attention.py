@@ -19,12 +19,14 @@ import os
 
 import torch
 
-from ._common import (DOT_UPCAST, interpret_mode, launch, next_pow2, num_sms, pdl_launch_kwargs, require, tl,
-                      triton)
+from ._common import (BF16_RNE_FIX, DOT_UPCAST, interpret_mode, launch, next_pow2, num_sms, pdl_launch_kwargs,
+                      require, tl, triton)
+from .rope_cache import FusedRope
 
 if triton is not None:
     from ._common import arrive_last, pdl_wait
     from ._common import rne_bf16 as _rne_bf16
+    from .rope_cache import rope_heads
 
 # One BLOCK_S tile per split at batch 1: on the H100 a split's time is the latency of its dependent
 # load -> dot -> softmax -> load -> dot chain, not bytes, so short splits win (ctx 300, batch 1: 16
@@ -49,10 +51,14 @@ if triton is not None:
         out_ptr, stride_om,
         wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as, cnt_ptr,
         scale, softcap, window,
+        qkv_ptr, stride_qkv, cos_ptr, sin_ptr, stride_cos, stride_sin, pos_ptr, slot_ptr, qn_ptr, kn_ptr,
+        r_eps, r_offset,
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
         FUSE_COMBINE: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        FUSE_ROPE: tl.constexpr, N_HEADS: tl.constexpr, N_KV: tl.constexpr, ROPE_DIM: tl.constexpr,
+        HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NORM_MODE: tl.constexpr, ROPE_FIX: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -66,8 +72,31 @@ if triton is not None:
         dmask = d < HEAD_DIM
         heads = g * G + gi
 
-        q = tl.load(q_ptr + b * stride_qm + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        if FUSE_ROPE:
+            # rope_qkv_cache_write's work for this (token, kv head): every split ropes the group's q and
+            # the new k itself (a few hundred values); split 0 writes k/v to the cache at the slot, and
+            # whichever split covers the slot uses the registers there (no cross-program ordering).
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            rmask = dmask & (d < ROPE_DIM)
+            cos = tl.load(cos_ptr + pos * stride_cos + d, mask=rmask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * stride_sin + d, mask=rmask, other=0.0).to(tl.float32)
+            row = qkv_ptr + b * stride_qkv
+            q = rope_heads(row, heads, gmask, d, cos, sin, qn_ptr, r_eps, r_offset, HEAD_DIM, ROPE_DIM,
+                           HAS_QNORM, NORM_MODE, DT, ROPE_FIX).to(DT)
+            kv_h = g + tl.zeros([1], tl.int32)
+            k_new = rope_heads(row + N_HEADS * HEAD_DIM, kv_h, kv_h >= 0, d, cos, sin, kn_ptr, r_eps, r_offset,
+                               HEAD_DIM, ROPE_DIM, HAS_KNORM, NORM_MODE, DT, ROPE_FIX).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(row + (N_HEADS + N_KV + kv_h[:, None]) * HEAD_DIM + d[None, :], mask=dmask[None, :],
+                            other=0.0).to(v_ptr.dtype.element_ty)
+            slot = tl.load(slot_ptr + b).to(tl.int32)
+            if s == 0:
+                kdst = k_ptr + b * stride_kb + g.to(tl.int64) * stride_kh + slot.to(tl.int64) * stride_ks
+                vdst = v_ptr + b * stride_vb + g.to(tl.int64) * stride_vh + slot.to(tl.int64) * stride_vs
+                tl.store(kdst + d[None, :], k_new, mask=dmask[None, :])
+                tl.store(vdst + d[None, :], v_new, mask=dmask[None, :])
+        else:
+            q = tl.load(q_ptr + b * stride_qm + heads[:, None] * stride_qh + d[None, :],
+                        mask=gmask[:, None] & dmask[None, :], other=0.0)
 
         kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
         lo = kv_len * 0
@@ -100,6 +129,10 @@ if triton is not None:
             # 0 * NaN would still poison the PV dot, so masked V rows are zeroed. A select after the
             # load, not a load mask: the V load then need not wait for the `valid` load.
             v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            if FUSE_ROPE:   # the new token's k/v from registers (split 0 may be writing them right now)
+                hit = (offs == slot)[:, None]
+                k = tl.where(hit, k_new, k)
+                v = tl.where(hit, v_new, v)
             v = tl.where(ok[:, None], v, 0.0)
 
             if IEEE_DOT:
@@ -240,12 +273,14 @@ def _block_s(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0, window=0,
-                     num_splits=None, workspace=None, config=None) -> torch.Tensor:
+                     num_splits=None, workspace=None, config=None, rope: FusedRope | None = None) -> torch.Tensor:
     """out[b, h*D:(h+1)*D] = softmax over attended positions p of (q[b,h] . k[b, h//G, p]) * scale, @ v.
 
     Attended: p < kv_lens[b], valid[b, p] != 0, and p >= kv_lens[b] - window when window > 0.
     Rows with no attended position give 0. See `decode_attention_reference` for the numerics.
-    config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps."""
+    config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps.
+    rope: do rope_qkv_cache_write's work first, in this kernel (see FusedRope): q is then only the shape
+    (M, n_heads, head_dim) and dtype of the queries (never read), the new k/v land in the caches."""
     require(q.dim() == 3 and k_cache.dim() == 4, "q must be (M, H, D) and the caches (B, KV, S, D)")
     M, n_heads, head_dim = q.shape
     B_max, n_kv, S_max, hd_k = k_cache.shape
@@ -295,6 +330,17 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
     ieee = DOT_UPCAST or q.dtype == torch.float32
     pdl = pdl_launch_kwargs(q.device)
+    if rope is not None:
+        rope_dim = rope.check(k_cache, v_cache, q)
+        r = rope
+        rope_args = (r.qkv, r.qkv.stride(0), r.cos, r.sin, r.cos.stride(0), r.sin.stride(0), r.positions, r.slots,
+                     r.q_norm_weight if r.q_norm_weight is not None else r.cos,
+                     r.k_norm_weight if r.k_norm_weight is not None else r.cos, float(r.eps), float(r.norm_offset))
+        rope_flags = dict(FUSE_ROPE=True, ROPE_DIM=rope_dim, HAS_QNORM=r.q_norm_weight is not None,
+                          HAS_KNORM=r.k_norm_weight is not None, NORM_MODE=int(r.norm_mode))
+    else:
+        rope_args = (out, 0, out, out, 0, 0, kv_lens, kv_lens, out, out, 0.0, 0.0)
+        rope_flags = dict(FUSE_ROPE=False, ROPE_DIM=head_dim, HAS_QNORM=False, HAS_KNORM=False, NORM_MODE=0)
     cfg = dict(BLOCK_S=_block_s(block_d), num_warps=4, num_stages=2)
     if config:
         unknown = set(config) - set(cfg)
@@ -307,10 +353,11 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         kv_lens, valid, valid.stride(0),
         out, out.stride(0),
         wm, wl, wacc, *ws_strides, cnt if fuse else out,
-        float(scale), float(softcap) if softcap else 1.0, int(window),
+        float(scale), float(softcap) if softcap else 1.0, int(window), *rope_args,
         G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=cfg["BLOCK_S"],
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
         IEEE_DOT=ieee, FIX_BF16=fix_bf16, FUSE_COMBINE=fuse, SPLITS_PAD=max(2, next_pow2(num_splits)),
+        N_HEADS=n_heads, N_KV=n_kv, ROPE_FIX=BF16_RNE_FIX, **rope_flags,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if num_splits > 1 and not fuse:

@@ -3,8 +3,8 @@
     x = embed(ids) [* embed_scale]                   (residual stream, updated in place)
     per layer:  qkv  = rmsnorm(x) @ Wqkv^T (+b)      fused_gemv (norm prologue; no norm for OLMo2)
                 [q, k = rmsnorm(q), rmsnorm(k)]      rmsnorm on the qkv slices (OLMo2's full q/k norm)
-                q, cache[slot] = rope(qkv) (+q/k norm) rope_qkv_cache_write (per-head norm: Qwen3, Gemma-3)
-                a    = attention(q, cache)           decode_attention (split-KV + combine; window, softcap)
+                q, cache[slot] = rope(qkv) (+q/k norm)  } decode_attention(rope=FusedRope): one kernel
+                a    = attention(q, cache)               } (split-KV + combine; window, softcap)
                 x    = x + a @ Wo^T                  fused_gemv (residual epilogue, in place)
                 h    = act(g) * u, [g|u] = rmsnorm(x) @ Wgu^T   fused_gemv (norm + act epilogue)
                 x    = x + h @ Wd^T                  fused_gemv (residual epilogue, in place)
@@ -32,7 +32,7 @@ from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
 from ..kernels.fused_gemv import fused_gemv, gemv_workspace
 from ..kernels.rmsnorm import rmsnorm
-from ..kernels.rope_cache import rope_qkv_cache_write
+from ..kernels.rope_cache import FusedRope, rope_qkv_cache_write
 from .fuse import fuse_linears, unfuse_linears
 from .l2stream import stream_plan
 from .spec import ModelPlan, norm_eps
@@ -40,6 +40,9 @@ from .tp import FlagPartials, local
 
 # A/B switch for the TP residual-through-the-all-reduce path (0: all-reduce, then a separate add)
 _RESIDUAL_IN_REDUCE = os.environ.get("BRAID_TP_RESIDUAL_IN_REDUCE", "1") != "0"
+# RoPE + q/k norm + cache write in the attention kernel's prologue (one launch per layer fewer);
+# BRAID_FUSED_ROPE=0: the separate rope kernel (A/B runs)
+_FUSED_ROPE = os.environ.get("BRAID_FUSED_ROPE", "1") != "0"
 
 
 @dataclass
@@ -337,15 +340,17 @@ class DecodeStep:
                 rmsnorm(b.qkv[:, dq:dq + dk], _w(lp.k_norm), eps=norm_eps(lp.k_norm), norm_mode=nm,
                         norm_offset=no, out=b.qkv[:, dq:dq + dk])
             cos, sin, rows = ropes[lp.rope_key]
-            rope_qkv_cache_write(
-                b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
-                n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=p.head_dim,
-                q_norm_weight=_w(lp.q_norm) if not full_qk else None,
-                k_norm_weight=_w(lp.k_norm) if not full_qk else None,
-                eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=cos.shape[1])
+            rope = FusedRope(b.qkv, cos, sin, rows, b.slots, q_norm_weight=_w(lp.q_norm) if not full_qk else None,
+                             k_norm_weight=_w(lp.k_norm) if not full_qk else None, eps=fl.eps_qk, norm_mode=nm,
+                             norm_offset=no, rope_dim=cos.shape[1])
+            if not _FUSED_ROPE:
+                rope_qkv_cache_write(b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
+                                     n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=p.head_dim,
+                                     q_norm_weight=rope.q_norm_weight, k_norm_weight=rope.k_norm_weight,
+                                     eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=rope.rope_dim)
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
-                             workspace=b.ws)
+                             workspace=b.ws, rope=rope if _FUSED_ROPE else None)
             self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0, pf[1])
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
                        norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, prefetch=pf[2])
