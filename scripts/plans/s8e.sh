@@ -12,10 +12,9 @@ ab() {
   gc STAGES=bench BENCH_MODELS="$1:braid" NEW=128 WARMUP=1 TAG=-rope-fused BENCH_TIMEOUT=$2 \
      BENCH_ARGS="--chat none --check none --no-agreement"
 }
+# two lanes (only nvidia-h100-x2 was lent for this call)
 lane0() { gc STAGES=env; BRAID_GPU_TESTS=1 TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q tests/test_kernel_rope_cache.py \
             tests/test_kernel_attention.py > "$WORK/tests-rope-attn.log" 2>&1; tail -n 3 "$WORK/tests-rope-attn.log"
-          sw qwen2.5-0.5b 1 60; sw qwen3-0.6b 1 60; ab qwen2.5-0.5b:1 80; }
-lane1() { gc STAGES=env; sw llama-3.2-1b 1 60; sw smollm2-135m 1 60; sw gemma-2-2b 1 90; ab llama-3.2-1b:1 90; }
-lane2() { gc STAGES=env; sw qwen2.5-1.5b 1 60; sw qwen2.5-0.5b 8 60; sw llama-3.1-8b 1 120; ab qwen3-0.6b:1 90; }
-lane3() { gc STAGES="env test-gpu" TESTS_K="bf16_error or graph_fast_loop or no_host_sync or seeded or prefill_graph_matches" TESTS_TIMEOUT=250
-          gc STAGES="test-families" TESTS_TIMEOUT=250; }
+          sw qwen2.5-0.5b 1 60; sw qwen3-0.6b 1 60; sw llama-3.2-1b 1 60; sw smollm2-135m 1 60; ab qwen2.5-0.5b:1 70; }
+lane1() { gc STAGES="env test-gpu" TESTS_K="bf16_error or graph_fast_loop or no_host_sync or seeded" TESTS_TIMEOUT=170
+          gc STAGES="test-families" TESTS_TIMEOUT=200; sw gemma-2-2b 1 70; sw qwen2.5-1.5b 1 50; }
