@@ -215,10 +215,16 @@ def test_fused_into_attention_equals_rope_kernel_then_attention(case, dtype, spl
                            workspace=ws, rope=fr)
     assert torch.isnan(c["q_out"]).all(), "the fused path must not write q_out"
     assert not torch.isnan(got).any()
-    assert torch.equal(c["k_cache"].nan_to_num(), a["k_cache"].nan_to_num())
     assert not torch.isnan(c["k_cache"]).any() and not torch.isnan(c["v_cache"]).any(), "a slot was not written"
     assert torch.equal(c["v_cache"], a["v_cache"])
-    assert torch.equal(got, ref)
+    if dtype == torch.float32 and DEV.type == "cuda":
+        # fp32 on the GPU: the compiler contracts x*cos + rot*sin (and the norm's sum) differently in the
+        # two kernels, so ulp-level differences (seen on an H100); bf16 rounds by hand and stays exact
+        for x, y in ((c["k_cache"], a["k_cache"]), (got, ref)):
+            assert (x - y).abs().max() <= 1e-5 * y.abs().max(), (x - y).abs().max()
+    else:
+        assert torch.equal(c["k_cache"], a["k_cache"])
+        assert torch.equal(got, ref)
 
 
 def test_fused_rope_checks():

@@ -3,8 +3,9 @@
     x = embed(ids) [* embed_scale]                   (residual stream, updated in place)
     per layer:  qkv  = rmsnorm(x) @ Wqkv^T (+b)      fused_gemv (norm prologue; no norm for OLMo2)
                 [q, k = rmsnorm(q), rmsnorm(k)]      rmsnorm on the qkv slices (OLMo2's full q/k norm)
-                q, cache[slot] = rope(qkv) (+q/k norm)  } decode_attention(rope=FusedRope): one kernel
-                a    = attention(q, cache)               } (split-KV + combine; window, softcap)
+                q, cache[slot] = rope(qkv) (+q/k norm) rope_qkv_cache_write (per-head norm: Qwen3, Gemma-3)
+                a    = attention(q, cache)           decode_attention (split-KV + combine; window, softcap)
+                                                     (BRAID_FUSED_ROPE=1: both in one, decode_attention(rope=))
                 x    = x + a @ Wo^T                  fused_gemv (residual epilogue, in place)
                 h    = act(g) * u, [g|u] = rmsnorm(x) @ Wgu^T   fused_gemv (norm + act epilogue)
                 x    = x + h @ Wd^T                  fused_gemv (residual epilogue, in place)
@@ -40,9 +41,12 @@ from .tp import FlagPartials, local
 
 # A/B switch for the TP residual-through-the-all-reduce path (0: all-reduce, then a separate add)
 _RESIDUAL_IN_REDUCE = os.environ.get("BRAID_TP_RESIDUAL_IN_REDUCE", "1") != "0"
-# RoPE + q/k norm + cache write in the attention kernel's prologue (one launch per layer fewer);
-# BRAID_FUSED_ROPE=0: the separate rope kernel (A/B runs)
-_FUSED_ROPE = os.environ.get("BRAID_FUSED_ROPE", "1") != "0"
+# BRAID_FUSED_ROPE=1 (opt-in): RoPE + q/k norm + cache write in the attention kernel's prologue, one launch
+# per layer fewer. Off: on an H100 (session 8, results/2026-11-26-h100-s8/runE, graph replays of the step,
+# same card) it gained only on Qwen2.5-0.5B (693 -> 685 us) and lost on Llama-3.2-1B (+1%), Gemma-2-2B
+# (+2.5%), Qwen2.5-1.5B (+6%), Qwen3-0.6B (+9%) and SmolLM2 (+10%): the prologue's dependent chain
+# (qkv load -> norm -> rope) now sits before the first K/V tile of every split
+_FUSED_ROPE = os.environ.get("BRAID_FUSED_ROPE", "0") == "1"
 
 
 @dataclass
