@@ -24,14 +24,7 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _head_norm(x, xp, w_ptr, d, partner, dmask, pmask, eps, norm_offset,
-                   HEAD_DIM: tl.constexpr, NORM_MODE: tl.constexpr, DT: tl.constexpr,
-                   FIX_BF16: tl.constexpr):
-        # x holds the head, xp the rotate_half partner of each element (same values, permuted), so
-        # both get the identical per-head statistic.
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
-        w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + norm_offset
-        wp = tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset
+    def _norm_pair(x, xp, r, w, wp, NORM_MODE: tl.constexpr, DT: tl.constexpr, FIX_BF16: tl.constexpr):
         if NORM_MODE == 0:
             # Llama/Qwen3 RMSNorm: normalise in fp32, round, then weight * x in the model dtype.
             x = round_to(round_to(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
@@ -41,6 +34,17 @@ if triton is not None:
             x = round_to(x * r * w, DT, FIX_BF16)
             xp = round_to(xp * r * wp, DT, FIX_BF16)
         return x, xp
+
+    @triton.jit
+    def _head_norm(x, xp, w_ptr, d, partner, dmask, pmask, eps, norm_offset,
+                   HEAD_DIM: tl.constexpr, NORM_MODE: tl.constexpr, DT: tl.constexpr,
+                   FIX_BF16: tl.constexpr):
+        # x holds the head, xp the rotate_half partner of each element (same values, permuted), so
+        # both get the identical per-head statistic.
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
+        w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + norm_offset
+        wp = tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset
+        return _norm_pair(x, xp, r, w, wp, NORM_MODE, DT, FIX_BF16)
 
     @triton.jit
     def _rope(x, xp, cos, sin, d, HALF: tl.constexpr, ROPE_DIM: tl.constexpr, DT: tl.constexpr,
@@ -70,12 +74,7 @@ if triton is not None:
             r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
             w = (tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
             wp = (tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
-            if NORM_MODE == 0:
-                x = round_to(round_to(x * r, DT, FIX_BF16) * w, DT, FIX_BF16)
-                xp = round_to(round_to(xp * r, DT, FIX_BF16) * wp, DT, FIX_BF16)
-            else:
-                x = round_to(x * r * w, DT, FIX_BF16)
-                xp = round_to(xp * r * wp, DT, FIX_BF16)
+            x, xp = _norm_pair(x, xp, r, w, wp, NORM_MODE, DT, FIX_BF16)
         rot = tl.where((d < HALF)[None, :], -xp, xp)
         y = round_to(round_to(x * cos[None, :], DT, FIX_BF16) + round_to(rot * sin[None, :], DT, FIX_BF16),
                      DT, FIX_BF16)
