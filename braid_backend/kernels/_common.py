@@ -204,7 +204,14 @@ def kernels_usable(device: torch.device) -> tuple[bool, str]:
     return False, f"device type {device.type!r} is not supported by the Triton kernels"
 
 
-_PDL_CAPABLE: dict = {}
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _sm90(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or newer (PDL, bulk L2 prefetch)."""
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -217,10 +224,7 @@ def pdl_enabled(device: torch.device) -> bool:
     under the interpreter; BRAID_PDL=0 turns it off (A/B runs)."""
     if device.type != "cuda" or not HAS_GDC or interpret_mode() or os.environ.get("BRAID_PDL", "1") == "0":
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _PDL_CAPABLE:
-        _PDL_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _PDL_CAPABLE[idx]
+    return _sm90(device)
 
 
 def pdl_launch_kwargs(device: torch.device) -> dict:
@@ -229,7 +233,6 @@ def pdl_launch_kwargs(device: torch.device) -> dict:
     return dict(USE_PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(USE_PDL=False)
 
 
-_BULK_PREFETCH: dict = {}
 # How the prefetch is issued (benchmarks/l2_prefetch_sweep.py sets these): bytes per instruction, the
 # evict_last hint, how many programs issue (None: one per SM), at the kernel's start (before the PDL
 # wait) or its end (after the epilogue).
@@ -242,12 +245,7 @@ PF_AT_END = False
 def l2_prefetch_supported(device: torch.device) -> bool:
     """sm_90+ GPUs (cp.async.bulk.prefetch.L2); never under the interpreter."""
     device = torch.device(device)
-    if device.type != "cuda" or not HAS_TRITON or interpret_mode():
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _BULK_PREFETCH:
-        _BULK_PREFETCH[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _BULK_PREFETCH[idx]
+    return device.type == "cuda" and HAS_TRITON and not interpret_mode() and _sm90(device)
 
 
 def l2_prefetch_args(ranges, device: torch.device, dummy: torch.Tensor, programs: int) -> tuple[tuple, dict]:
