@@ -6,13 +6,12 @@
   fast-loop      generate()'s fast path per token (K-step graphs, device-side selection, 1 sync / K)
   hf-loop        HF's own loop per token with the graph-replayed forward (output_scores forces it)
   eager-step     the same fused kernels launched from Python without graphs (host launch cost)
-Each is measured with programmatic dependent launch on and off (BRAID_PDL). The differences are the
+Each is measured with programmatic dependent launch on and off (Tuning(pdl=...)). The differences are the
 host's share. Usage: python benchmarks/step_breakdown.py [preset] [--out f.json] [--ctx 128]
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -53,8 +52,7 @@ def _kernel_times(fn, n):
 
 @torch.no_grad()
 def measure(model, ids, pdl: bool, ctx: int) -> dict:
-    os.environ["BRAID_PDL"] = "1" if pdl else "0"
-    braid_backend.patch(model)
+    braid_backend.patch(model, tuning=braid_backend.Tuning(pdl=pdl))
     st = model._braid_session
     n = 128
     kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=n, max_new_tokens=n)
@@ -108,7 +106,6 @@ def main(argv):
             print("   ", row)
         if out:
             json.dump(res, open(out, "w"), indent=1)
-    os.environ.pop("BRAID_PDL", None)
 
 
 if __name__ == "__main__":

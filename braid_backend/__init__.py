@@ -6,8 +6,10 @@
 """
 from .options import PatchOptions
 from .report import PatchReport
+from .tuning import Tuning
 
-__all__ = ["patch", "unpatch", "is_patched", "status", "PatchOptions", "PatchReport", "BraidUnsupportedError"]
+__all__ = ["patch", "unpatch", "is_patched", "status", "PatchOptions", "PatchReport", "Tuning",
+           "BraidUnsupportedError"]
 __version__ = "0.1.0"
 
 _API = {"patch", "unpatch", "is_patched", "status", "BraidUnsupportedError"}

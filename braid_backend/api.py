@@ -64,7 +64,7 @@ def patch(model, **options) -> PatchReport:
             delattr(model, attr)
     report = PatchReport(model=type(model).__name__, options={k: v for k, v in opts.to_dict().items() if k != "strict"})
     try:
-        plan = plan_model(model)
+        plan = plan_model(model, opts.tuning)
     except Unsupported as e:
         return _refuse(model, report, str(e), opts.strict)
     device = local(plan.lm_head.weight).device
@@ -81,7 +81,8 @@ def patch(model, **options) -> PatchReport:
         return _refuse(model, report, f"backend='cupy': {cupy_why}", True)
     views = _packed_views(model)
     try:
-        step = DecodeStep(plan) if opts.backend == "triton" or cupy_why else CupyDecodeStep(plan, opts.backend, report)
+        step = (DecodeStep(plan, opts.tuning) if opts.backend == "triton" or cupy_why
+                else CupyDecodeStep(plan, opts.backend, report, opts.tuning))
         session = PatchSession(model, step, report, opts)
         _fill_report(report, plan, opts, device)
         _report_backend(report, opts.backend, step, cupy_why)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import asdict, dataclass, fields
 
+from .tuning import Tuning
+
 MAX_GRAPH_STEPS = 128   # a K-step graph holds K copies of the step's kernels; beyond this it only costs memory
 # decode-layer backends: "triton" (the reference), "cupy" (one persistent CUDA-C kernel per layer where the
 # model and CuPy allow it), "auto" (CuPy where eligible, then per batch bucket the faster one, timed once)
@@ -22,6 +24,8 @@ class PatchOptions:
     # slower at every point measured (Qwen2.5-0.5B batch 1 1.02 vs 0.68 ms/step, Llama-3.2-1B 1.26 vs
     # 1.07), and "auto"'s first-use compile + timing adds to every process's first call
     backend: str = "triton"
+    # performance knobs (braid_backend.Tuning); None: Tuning.from_env(), the BRAID_* variables read now
+    tuning: Tuning | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -34,6 +38,14 @@ class PatchOptions:
         object.__setattr__(self, "graph_steps", int(k))
         if not 1 <= k <= MAX_GRAPH_STEPS:
             raise ValueError(f"patch() option graph_steps must be in [1, {MAX_GRAPH_STEPS}], got {k}")
+        t = self.tuning
+        if t is None:
+            t = Tuning.from_env()
+        elif isinstance(t, dict):
+            t = Tuning(**t)
+        elif not isinstance(t, Tuning):
+            raise TypeError(f"patch() option tuning must be a braid_backend.Tuning (or a dict of its fields), got {t!r}")
+        object.__setattr__(self, "tuning", t)
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"patch() option backend must be one of {', '.join(map(repr, BACKENDS))}, "
                              f"got {self.backend!r}")

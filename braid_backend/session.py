@@ -84,7 +84,7 @@ class PatchSession:
         self._warned: set[str] = set()
         self.params_sig = params_signature(model)
         if graphs:   # the first graph capture compiles or loads kernels: start Triton's hash now
-            warm_triton_key()
+            warm_triton_key(options.tuning.precompile)
 
     @property
     def model(self):

@@ -18,15 +18,6 @@ DEV = KERNEL_DEV
 pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
 
 
-@pytest.fixture(autouse=True)
-def fused_merge_on(monkeypatch):
-    """The opt-in merge in the last split (BRAID_FUSED_COMBINE=1) is what these tests exercise with a
-    4-tuple workspace; the 3-tuple one (and test_fused_merge_only_up_to_its_split_limit) the combine kernel."""
-    import braid_backend.kernels.decode_attention as da
-
-    monkeypatch.setattr(da, "FUSED_COMBINE_MAX_SPLITS", 16)
-
-
 def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, valid_bool=True, holes=()):
     """Random inputs; every cache position a token must NOT attend holds NaN, so reading one fails.
 
@@ -54,20 +45,15 @@ def _make(M, H, KV, D, S_max, lens, dtype, seed, pad=None, window=0, B_extra=1, 
     return tuple(t.to(DEV) for t in (q, k_cache, v_cache, kv_lens, valid))
 
 
-def _check(q, kc, vc, lens, valid, num_splits, softcap=0.0, window=0, fused=True):
-    """fused: the workspace with arrival counters (the last split merges); else the 3-tuple (the
-    combine kernel merges)."""
+def _check(q, kc, vc, lens, valid, num_splits, softcap=0.0, window=0):
     M, H, D = q.shape
     scale = D ** -0.5
     kw = dict(scale=scale, softcap=softcap, window=window)
     out = torch.full((M, H * D), float("nan"), dtype=q.dtype, device=q.device)
     ws = None
     if num_splits and num_splits > 1:
-        *parts, counters = attention_workspace(M + 2, H, D, num_splits, q.device)
-        ws = tuple(t.fill_(float("nan")) for t in parts) + ((counters,) if fused else ())
+        ws = tuple(t.fill_(float("nan")) for t in attention_workspace(M + 2, H, D, num_splits, q.device))
     res = decode_attention(q, kc, vc, lens, valid, out=out, num_splits=num_splits, workspace=ws, **kw)
-    if ws is not None and fused:
-        assert int(ws[3].abs().sum()) == 0, "arrival counters not left at zero"
     assert res.data_ptr() == out.data_ptr()
     assert torch.isfinite(out).all(), "NaN/inf in the output (masked position read or row not written)"
     ref = decode_attention_reference(q, kc, vc, lens, valid, **kw)
@@ -104,41 +90,6 @@ def test_matches_reference(case, dtype):
     args = _make(M, H, KV, D, S, lens, dtype, seed=S + 7 * H + splits, pad=pad, window=window,
                  valid_bool=(splits % 2 == 1))
     _check(*args, splits, softcap=softcap, window=window)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[9] > 1], ids=lambda c: f"H{c[1]}KV{c[2]}D{c[3]}s{c[9]}")
-def test_fused_merge_equals_the_combine_kernel(case):
-    """The last-arriving split's merge and the combine kernel: the same answer (fp32, up to summation
-    order), twice in a row on one workspace (the counters reset), bf16 against the reference too."""
-    M, H, KV, D, S, lens, pad, window, softcap, splits = case
-    args = _make(M, H, KV, D, S, lens, torch.float32, seed=S + splits, pad=pad, window=window)
-    a = _check(*args, splits, softcap=softcap, window=window, fused=True)
-    b = _check(*args, splits, softcap=softcap, window=window, fused=False)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    args16 = _make(M, H, KV, D, S, lens, torch.bfloat16, seed=S + splits + 1, pad=pad, window=window)
-    _check(*args16, splits, softcap=softcap, window=window, fused=True)
-
-
-def test_fused_merge_only_up_to_its_split_limit(monkeypatch):
-    """Above FUSED_COMBINE_MAX_SPLITS the combine kernel runs (counters untouched); at or below it,
-    not; a 3-tuple workspace always takes the combine kernel."""
-    import braid_backend.kernels.decode_attention as da
-
-    launched = []
-    launch = da.launch
-    monkeypatch.setattr(da, "launch", lambda kernel, grid: launched.append(kernel) or launch(kernel, grid))
-    q, kc, vc, lens, valid = _make(2, 6, 2, 16, 200, [200, 150], torch.float32, seed=5)
-    for splits, limit, fused in ((4, 16, True), (4, 3, False), (3, 3, True)):
-        monkeypatch.setattr(da, "FUSED_COMBINE_MAX_SPLITS", limit)
-        launched.clear()
-        ws = attention_workspace(2, 6, 16, splits, q.device)
-        out = decode_attention(q, kc, vc, lens, valid, scale=0.25, num_splits=splits, workspace=ws)
-        assert (da._attn_combine_kernel in launched) is not fused, (splits, limit)
-        torch.testing.assert_close(out, decode_attention_reference(q, kc, vc, lens, valid, scale=0.25),
-                                   rtol=1e-5, atol=1e-5)
-    launched.clear()
-    decode_attention(q, kc, vc, lens, valid, scale=0.25, num_splits=3, workspace=ws[:3])
-    assert da._attn_combine_kernel in launched
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -282,7 +282,7 @@ def test_split_k_errors():
 
 def test_split_k_heuristic(monkeypatch):
     """H100 (132 SMs): the small models' batch 3-16 tiles split K to reach ~2 programs per SM; the
-    7-9B tiles, lm_heads, the GEMV path and BRAID_SPLIT_K=0 do not; the workspace covers every call."""
+    7-9B tiles, lm_heads, the GEMV path and Tuning(split_k=False) do not; the workspace covers every call."""
     import braid_backend.kernels.fused_gemv as fg
 
     monkeypatch.setattr(fg, "num_sms", lambda device: 132)
@@ -301,9 +301,7 @@ def test_split_k_heuristic(monkeypatch):
         assert fg.gemv_workspace([(8, 896, 4864, False, False), (8, 4864, 896, True, True)], bf, dev) is made
         assert made == [(56 * 8 * 16 * 16, 56)]   # down's split; gate_up (152 tiles) does not split
         assert fg.gemv_workspace([(1, 896, 4864, False, False)], bf, dev) is None
-        monkeypatch.setattr(fg, "SPLIT_K_MODE", "0")
-        default_config.cache_clear()
-        assert default_config(8, 896, 4864, bf, False, dev)["SPLIT_K"] == 1
+        assert default_config(8, 896, 4864, bf, False, dev, split_k=False)["SPLIT_K"] == 1   # Tuning(split_k=False)
     finally:
         default_config.cache_clear()
 
@@ -313,47 +311,3 @@ def test_split_k_heuristic(monkeypatch):
 def test_big_model_batch1_gemv_tiles(cfg):
     """The 7-9B batch-1 GEMV tiles (default_config) on odd sizes: an N tail and a short last K tile."""
     run_case(1, 37, 4500, torch.bfloat16, dict(residual="inplace"), "gemv", seed=33, extra_cfg=cfg)
-
-
-# L2 prefetch ranges (sm_90+): a hint for later kernels, never a change to this one's result.
-def test_l2_prefetch_errors():
-    from braid_backend.kernels._common import l2_prefetch_supported
-
-    x = torch.randn(2, 64, device=DEV)
-    w = torch.randn(40, 64, device=DEV)
-    r = w.view(-1).view(torch.uint8)
-    with pytest.raises(ValueError, match="at most 3"):
-        fused_gemv(x, w, prefetch=[r] * 4)
-    if not l2_prefetch_supported(DEV):
-        with pytest.raises(ValueError, match="sm_90"):
-            fused_gemv(x, w, prefetch=[r])
-        return
-    with pytest.raises(ValueError, match="uint8"):
-        fused_gemv(x, w, prefetch=[w.view(-1)])
-    with pytest.raises(ValueError, match="16-byte"):
-        fused_gemv(x, w, prefetch=[r[8:40]])
-    with pytest.raises(ValueError, match="16-byte"):
-        fused_gemv(x, w, prefetch=[r[:40]])
-
-
-@pytest.mark.parametrize("path", ["gemv", "tc"])
-@pytest.mark.parametrize("M,case", [(1, "qkv_norm0_bias"), (5, "gate_up_silu"), (3, "o_proj_inplace")])
-def test_l2_prefetch_gives_the_same_result(M, case, path):
-    """GPU: with 1-3 prefetch ranges (odd lengths in 16-byte units, one empty, one larger than the
-    programs' shares) the output is bit-identical to the launch without them."""
-    from braid_backend.kernels._common import l2_prefetch_supported
-
-    if not l2_prefetch_supported(DEV):
-        pytest.skip("L2 bulk prefetch needs an sm_90+ GPU")
-    other = torch.randn(3 << 20, device=DEV).view(torch.uint8)   # 12 MB of "next weights"
-    for ranges in ([other[:16 * 1001]], [other[16:16 * 77], other[:0], other[1 << 20:]],
-                   [other[4096:], other[:16], other[32:64]]):
-        for seed in (5, 6):
-            x, w, kw = make_inputs(M, 123, 257, torch.bfloat16, CASES[case], seed)
-            res = kw.pop("residual", None)
-            outs = []
-            for pf in (None, ranges):
-                r = res.clone() if res is not None else None
-                out = r if CASES[case].get("residual") == "inplace" else None
-                outs.append(fused_gemv(x, w, residual=r, out=out, config={"path": path}, prefetch=pf, **kw))
-            assert torch.equal(outs[0], outs[1])

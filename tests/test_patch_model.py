@@ -136,23 +136,3 @@ def test_split_k_tiles_in_the_decode_step(name, device, monkeypatch):
     assert sum(len(g) == 3 and g[2] == 3 for g in grids) >= 5 * model.config.num_hidden_layers, "K not split"
     err = rel_err(out, ref)
     assert err < 2e-5, f"{name}: split-K step vs stock rel err {err}"
-
-
-def test_fused_attention_merge_in_the_decode_step(device, monkeypatch):
-    """BRAID_FUSED_COMBINE=1 (opt-in): the step's attention merges in the last split, no combine
-    kernel launched; fp32 logits as stock's."""
-    import braid_backend.kernels.decode_attention as da
-
-    monkeypatch.setattr(da, "FUSED_COMBINE_MAX_SPLITS", 16)
-    kernels, launch = [], da.launch
-    monkeypatch.setattr(da, "launch", lambda kernel, grid: kernels.append((kernel, grid)) or launch(kernel, grid))
-    model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=5)
-    prompt, cont = tokens(model, 2, 9, 51, device), tokens(model, 2, 4, 52, device)
-    ref = teacher_forced_logits(model, prompt, cont)
-    braid_backend.patch(model)
-    out = teacher_forced_logits(model, prompt, cont)
-    splits = [g[2] for k, g in kernels if k is da._attn_split_kernel]
-    assert splits and min(splits) > 1, splits   # the merge path is taken only with several splits
-    assert not any(k is da._attn_combine_kernel for k, _ in kernels)
-    err = rel_err(out, ref)
-    assert err < 2e-5, f"fused merge vs stock rel err {err}"

@@ -438,14 +438,15 @@ def test_dry_run_parses_a_repeated_launch_once_and_records_every_variant(fake_gp
 
 # ----------------------------------------------------------------------------- GraphRunner's switch
 
-def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_env(monkeypatch):
+def test_graph_runner_precompiles_once_per_tag_and_bucket_and_obeys_the_tuning(monkeypatch):
+    from braid_backend.tuning import Tuning
+
     calls = []
     monkeypatch.setattr(graphs._precompile, "precompile", lambda body: calls.append(body) or {"found": 0})
-    runner = types.SimpleNamespace(precompiled={})
+    runner = types.SimpleNamespace(precompiled={}, step=types.SimpleNamespace(tuning=Tuning(precompile=False)))
     key = graphs.GraphKey(1, 0, 0, 64, "hf-step")
-    monkeypatch.setenv("BRAID_PRECOMPILE", "0")
     assert graphs.GraphRunner._precompile(runner, key, "body") is None and not calls
-    monkeypatch.delenv("BRAID_PRECOMPILE")
+    runner.step.tuning = Tuning()
     assert graphs.GraphRunner._precompile(runner, key, "body") == {"found": 0}
     assert graphs.GraphRunner._precompile(runner, graphs.GraphKey(1, 0, 1, 128, "hf-step"), "body") is None
     graphs.GraphRunner._precompile(runner, graphs.GraphKey(2, 0, 0, 64, "hf-step"), "body")
@@ -458,7 +459,9 @@ class _CountingStep:
     device, vocab = torch.device("cpu"), 16
 
     def __init__(self):
-        self.slots = []
+        from braid_backend.tuning import Tuning
+
+        self.slots, self.tuning = [], Tuning()
 
     def prepare(self, max_len):
         pass
@@ -500,7 +503,6 @@ def test_fast_loop_capture_dry_runs_one_step_and_warms_up_and_captures_all_k(mon
         return {"skipped": "stub"}
 
     monkeypatch.setattr(graphs._precompile, "precompile", fake_precompile)
-    monkeypatch.delenv("BRAID_PRECOMPILE", raising=False)
     runner, K, max_len = graphs.GraphRunner(step), 4, 32
     cache = types.SimpleNamespace(serial=1, version=0, max_len=max_len, valid=torch.zeros(2, max_len, dtype=torch.int8))
     FastLoop(step, runner, cache, 2, K, SelectConfig(do_sample=True))
@@ -540,9 +542,7 @@ def test_warm_triton_key_runs_it_in_a_thread_only_where_something_compiles(monke
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pc.warm_triton_key() is None and not calls        # the interpreter compiles nothing
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("BRAID_PRECOMPILE", "0")
-    assert pc.warm_triton_key() is None and not calls
-    monkeypatch.setenv("BRAID_PRECOMPILE", "1")
+    assert pc.warm_triton_key(enabled=False) is None and not calls
     t = pc.warm_triton_key()
     if pc.unavailable_reason():
         assert t is None

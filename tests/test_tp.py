@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import braid_backend
 from braid_backend.bench.tp import run_group
 from braid_backend.testing.tp_check import save_preset
 
@@ -61,22 +62,19 @@ def test_uneven_vocab_is_left_stock_with_a_reason(tmp_path):
     assert "does not split evenly over 2 ranks" in res["report"]
 
 
-def test_all_reduce_choice_follows_the_env(monkeypatch):
+def test_all_reduce_choice_follows_the_tuning():
     import torch.distributed as dist
 
     from braid_backend.model.tp import _choose_all_reduce
 
+    with pytest.raises(ValueError, match="BRAID_TP_ALLREDUCE"):
+        braid_backend.Tuning.from_env({"BRAID_TP_ALLREDUCE": "bogus"})
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         group, cpu = dist.group.WORLD, torch.device("cpu")
-        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "bogus")
-        with pytest.raises(ValueError, match="BRAID_TP_ALLREDUCE"):
-            _choose_all_reduce(group, cpu)
-        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "symm")
         with pytest.raises(ValueError, match="needs CUDA"):
-            _choose_all_reduce(group, cpu)
-        monkeypatch.setenv("BRAID_TP_ALLREDUCE", "auto")
-        assert _choose_all_reduce(group, cpu) == ("gloo", None)
+            _choose_all_reduce(group, cpu, braid_backend.Tuning.from_env({"BRAID_TP_ALLREDUCE": "symm"}).tp_allreduce)
+        assert _choose_all_reduce(group, cpu, "auto") == ("gloo", None)
     finally:
         dist.destroy_process_group()
 

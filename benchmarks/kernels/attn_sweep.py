@@ -1,7 +1,7 @@
 """Long-context decode attention (GPU): split count and launch config of the split kernel, against the
 KV bytes it must read (issue #13: >= 70% of copy bandwidth when KV bytes dominate).
 
-    BRAID_PDL=0 python benchmarks/kernels/attn_sweep.py [--out f.json] [--budget 240]
+    python benchmarks/kernels/attn_sweep.py [--out f.json] [--budget 240] [--no-pdl]
 
 Per shape (batch, q heads, kv heads, head_dim, context): the launcher's default, then BLOCK_S x
 num_warps x num_stages x {default, 2x, 4x splits}; each timed inside a CUDA graph with an L2 flush
@@ -26,6 +26,7 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 from braid_backend.kernels._common import num_sms  # noqa: E402
+from braid_backend.tuning import Tuning  # noqa: E402
 from braid_backend.kernels.decode_attention import (attention_workspace, decode_attention,  # noqa: E402
                                                     decode_attention_reference, default_num_splits)
 
@@ -40,12 +41,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--budget", type=float, default=240.0)
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     a = ap.parse_args(argv)
     copy = common.copy_bandwidth_gbs()
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows, t0 = [], time.perf_counter()
+    tuning = Tuning(pdl=not a.no_pdl)
     slot = a.budget / len(SHAPES)
-    print(f"{torch.cuda.get_device_name()} copy {copy:.0f} GB/s, BRAID_PDL={os.environ.get('BRAID_PDL')}", flush=True)
+    print(f"{torch.cuda.get_device_name()} copy {copy:.0f} GB/s, PDL {'off' if a.no_pdl else 'on'}", flush=True)
     for name, M, H, KV, D, S in SHAPES:
         ts = time.perf_counter()
         q = torch.randn(M, H, D, dtype=dt, device=dev)
@@ -67,7 +70,7 @@ def main(argv=None):
                 break
             ws = attention_workspace(M, H, D, sp, dev)
             fn = lambda: decode_attention(q, k, v, kv_lens, valid, scale=D ** -0.5, out=out,  # noqa: E731
-                                          num_splits=sp, workspace=ws, config=cfg)
+                                          num_splits=sp, workspace=ws, config=cfg, tuning=tuning)
             try:
                 fn()
                 torch.cuda.synchronize()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 
 import torch
+
+from ..tuning import DEFAULT as DEFAULT_TUNING
+from ..tuning import Tuning, interpret_mode  # noqa: F401  (re-exported: kernels and tests use them from here)
 
 try:  # triton is optional at import time: on a machine without it nothing is patched.
     import triton
@@ -30,9 +32,6 @@ except Exception:  # pragma: no cover
     HAS_GDC = False
 
 
-def interpret_mode() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # The Triton interpreter (3.6 and 3.9 seen) returns garbage for tl.dot on bf16 operands, so kernels
@@ -88,46 +87,6 @@ if HAS_TRITON:
         acq_rel increment publishes them (the usual split-K semaphore pattern)."""
         tl.debug_barrier()
         return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == N - 1
-
-    @triton.jit
-    def _bulk_prefetch(ptr, nbytes, HINT: tl.constexpr):
-        # one thread per program issues it (every thread holds these scalars); size 0 issues nothing.
-        # HINT: with an evict_last L2 policy, so that the streaming reads in between do not evict it
-        if HINT:
-            r = tl.inline_asm_elementwise(
-                "{ .reg .pred q, r; .reg .u32 t; .reg .b64 pol; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
-                " setp.ne.and.u32 r, $2, 0, q; createpolicy.fractional.L2::evict_last.b64 pol, 1.0;"
-                " @r cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-                "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            r = tl.inline_asm_elementwise(
-                "{ .reg .pred q, r; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0;"
-                " setp.ne.and.u32 r, $2, 0, q; @r cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-        return r
-
-    @triton.jit
-    def _prefetch_share(ptr, n, pid, nprog, CHUNK: tl.constexpr, HINT: tl.constexpr):
-        share = tl.cdiv(n, nprog * 16) * 16          # bytes per program, 16-byte multiples
-        lo = pid.to(tl.int64) * share
-        hi = tl.minimum(lo + share, n)
-        for off in range(lo, hi, CHUNK):
-            _bulk_prefetch(ptr + off, tl.minimum(hi - off, CHUNK).to(tl.int32), HINT)
-
-    @triton.jit
-    def l2_prefetch(p0, n0, p1, n1, p2, n2, nprog, PREFETCH: tl.constexpr):
-        """Ask L2 for up to three byte ranges (uint8 pointers, lengths in bytes, 16-byte multiples) that
-        a later kernel reads (the next projections' weights: model/l2stream.py), fire and forget
-        (sm_90 bulk prefetch). Programs 0..nprog-1 each take a 1/nprog share: the first wave, so that
-        everything is asked for as soon as this kernel starts. PREFETCH: 0 off, else
-        (chunk bytes << 2) | (evict_last hint << 1) | 1 (see PF_CHUNK / PF_HINT)."""
-        if PREFETCH != 0:
-            pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1)
-                                                            * tl.program_id(2))
-            if pid < nprog:
-                _prefetch_share(p0, n0, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
-                _prefetch_share(p1, n1, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
-                _prefetch_share(p2, n2, pid, nprog, PREFETCH >> 2, (PREFETCH >> 1) & 1)
 
     @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
@@ -210,62 +169,27 @@ def _hopper_or_newer(index: int) -> bool:
 
 
 def _sm90(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9.0 or newer (PDL, bulk L2 prefetch)."""
+    """A CUDA device of compute capability 9.0 or newer (PDL)."""
     return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_enabled(device: torch.device) -> bool:
+def pdl_enabled(device: torch.device, tuning: Tuning | None = None) -> bool:
     """Launch kernels with programmatic dependent launch (PDL) on this device?
 
     With PDL the next kernel of the stream (and of a captured graph) starts while this one runs: its
     programs may load what no earlier kernel writes (weights) and must `gdc_wait()` before touching
     anything else. Every kernel here that takes USE_PDL does exactly that, so a chain of them hides the
     launch gap and the first memory round trip of each kernel. Hopper (sm_90) and newer only; never
-    under the interpreter; BRAID_PDL=0 turns it off (A/B runs)."""
-    if device.type != "cuda" or not HAS_GDC or interpret_mode() or os.environ.get("BRAID_PDL", "1") == "0":
+    under the interpreter; Tuning(pdl=False) turns it off (A/B runs)."""
+    if device.type != "cuda" or not HAS_GDC or interpret_mode() or not (tuning or DEFAULT_TUNING).pdl:
         return False
     return _sm90(device)
 
 
-def pdl_launch_kwargs(device: torch.device) -> dict:
+def pdl_launch_kwargs(device: torch.device, tuning: Tuning | None = None) -> dict:
     """The constexpr flag and the launch option that go together (launch_pdl only where it is on: the
     interpreter does not take it)."""
-    return dict(USE_PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(USE_PDL=False)
-
-
-# How the prefetch is issued (benchmarks/l2_prefetch_sweep.py sets these): bytes per instruction, the
-# evict_last hint, how many programs issue (None: one per SM), at the kernel's start (before the PDL
-# wait) or its end (after the epilogue).
-PF_CHUNK = 65536
-PF_HINT = False
-PF_PROGS: int | None = None
-PF_AT_END = False
-
-
-def l2_prefetch_supported(device: torch.device) -> bool:
-    """sm_90+ GPUs (cp.async.bulk.prefetch.L2); never under the interpreter."""
-    device = torch.device(device)
-    return device.type == "cuda" and HAS_TRITON and not interpret_mode() and _sm90(device)
-
-
-def l2_prefetch_args(ranges, device: torch.device, dummy: torch.Tensor, programs: int) -> tuple[tuple, dict]:
-    """Kernel arguments and constexpr flag of `l2_prefetch` for up to three byte ranges (1-D uint8
-    tensors on `device`, 16-byte aligned, lengths multiples of 16); `ranges` None or empty: off."""
-    if not ranges:
-        return (dummy, 0, dummy, 0, dummy, 0, 1), dict(PREFETCH=0, PF_AT_END=False)
-    ranges = list(ranges)
-    require(len(ranges) <= 3, f"at most 3 prefetch ranges, got {len(ranges)}")
-    require(l2_prefetch_supported(device), f"L2 prefetch needs an sm_90+ GPU, not {device}")
-    args = []
-    for r in ranges:
-        require(r.dtype == torch.uint8 and r.dim() == 1 and r.device == device,
-                "prefetch ranges must be 1-D uint8 tensors on the kernel's device")
-        require(r.data_ptr() % 16 == 0 and r.numel() % 16 == 0,
-                "prefetch ranges must start 16-byte aligned and be a multiple of 16 bytes long")
-        args += [r, r.numel()]
-    args += [ranges[0], 0] * (3 - len(ranges))   # same pointer type: no extra kernel variant
-    progs = max(1, min(programs, PF_PROGS or num_sms(device)))
-    return (*args, progs), dict(PREFETCH=(PF_CHUNK << 2) | (int(PF_HINT) << 1) | 1, PF_AT_END=PF_AT_END)
+    return dict(USE_PDL=True, launch_pdl=True) if pdl_enabled(device, tuning) else dict(USE_PDL=False)
 
 
 def next_pow2(n: int) -> int:

@@ -3,9 +3,7 @@
 One program per (token b, kv head g, split s) handles all G = n_heads // n_kv_heads query heads that
 share kv head g, so each K/V tile is read from memory once per group instead of once per query head
 (what HF's repeat_kv costs). Long caches are split along the sequence so that small batches still fill
-the GPU; the per-split partials (m, l, acc) are merged in fp32 by a second tiny kernel, or (opt-in,
-BRAID_FUSED_COMBINE=1, up to FUSED_COMBINE_MAX_SPLITS splits) by the split program that finishes last
-(an arrival counter per (token, kv head)).
+the GPU; the per-split partials (m, l, acc) are merged in fp32 by a second tiny kernel.
 
 Graph safety: the grid and all constexprs depend only on shapes; kv_lens, the padding mask and the
 window bounds are read on the device, and each program loops only up to its row's kv_len (never over
@@ -15,31 +13,20 @@ kv_len write an empty partial (m=-inf, l=0, acc=0).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._common import (BF16_RNE_FIX, DOT_UPCAST, interpret_mode, launch, next_pow2, num_sms, pdl_launch_kwargs,
+from ._common import (DOT_UPCAST, Tuning, interpret_mode, launch, next_pow2, num_sms, pdl_launch_kwargs,
                       require, tl, triton)
-from .rope_cache import FusedRope
 
 if triton is not None:
-    from ._common import arrive_last, pdl_wait
+    from ._common import pdl_wait
     from ._common import rne_bf16 as _rne_bf16
-    from .rope_cache import rope_heads
 
 # One BLOCK_S tile per split at batch 1: on the H100 a split's time is the latency of its dependent
 # load -> dot -> softmax -> load -> dot chain, not bytes, so short splits win (ctx 300, batch 1: 16
 # splits 4.7 us vs 1 split 11.3 us); the partial write is ~2 KB per (token, kv head, split).
 MIN_SPLIT_LEN = 64
 MAX_SPLITS = 128
-# BRAID_FUSED_COMBINE=1: the last-arriving split merges the partials itself up to this many splits (it
-# reads them all: at batch 1 and short contexts 8 x (m, l, head_dim) per head from L2), one kernel per
-# layer fewer; longer caches keep the combine kernel, whose programs merge one head each in parallel.
-# Off by default: on an H100 (2026-11-26, session 7, results/2026-11-26-h100-s7/runE, same card) the
-# Qwen2.5-0.5B batch-1 step took 0.770 ms with it and 0.762 ms without (ranges overlapping): under PDL
-# the separate combine kernel cost about what the serial merge in the last split costs.
-FUSED_COMBINE_MAX_SPLITS = 16 if os.environ.get("BRAID_FUSED_COMBINE", "0") == "1" else 0
 
 if triton is not None:
 
@@ -49,16 +36,11 @@ if triton is not None:
         k_ptr, v_ptr, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         kv_lens_ptr, valid_ptr, stride_valid,
         out_ptr, stride_om,
-        wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as, cnt_ptr,
+        wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as,
         scale, softcap, window,
-        qkv_ptr, stride_qkv, cos_ptr, sin_ptr, stride_cos, stride_sin, pos_ptr, slot_ptr, qn_ptr, kn_ptr,
-        r_eps, r_offset,
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
-        FUSE_COMBINE: tl.constexpr, SPLITS_PAD: tl.constexpr,
-        FUSE_ROPE: tl.constexpr, N_HEADS: tl.constexpr, N_KV: tl.constexpr, ROPE_DIM: tl.constexpr,
-        HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NORM_MODE: tl.constexpr, ROPE_FIX: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -72,31 +54,8 @@ if triton is not None:
         dmask = d < HEAD_DIM
         heads = g * G + gi
 
-        if FUSE_ROPE:
-            # rope_qkv_cache_write's work for this (token, kv head): every split ropes the group's q and
-            # the new k itself (a few hundred values); split 0 writes k/v to the cache at the slot, and
-            # whichever split covers the slot uses the registers there (no cross-program ordering).
-            pos = tl.load(pos_ptr + b).to(tl.int64)
-            rmask = dmask & (d < ROPE_DIM)
-            cos = tl.load(cos_ptr + pos * stride_cos + d, mask=rmask, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * stride_sin + d, mask=rmask, other=0.0).to(tl.float32)
-            row = qkv_ptr + b * stride_qkv
-            q = rope_heads(row, heads, gmask, d, cos, sin, qn_ptr, r_eps, r_offset, HEAD_DIM, ROPE_DIM,
-                           HAS_QNORM, NORM_MODE, DT, ROPE_FIX).to(DT)
-            kv_h = g + tl.zeros([1], tl.int32)
-            k_new = rope_heads(row + N_HEADS * HEAD_DIM, kv_h, kv_h >= 0, d, cos, sin, kn_ptr, r_eps, r_offset,
-                               HEAD_DIM, ROPE_DIM, HAS_KNORM, NORM_MODE, DT, ROPE_FIX).to(k_ptr.dtype.element_ty)
-            v_new = tl.load(row + (N_HEADS + N_KV + kv_h[:, None]) * HEAD_DIM + d[None, :], mask=dmask[None, :],
-                            other=0.0).to(v_ptr.dtype.element_ty)
-            slot = tl.load(slot_ptr + b).to(tl.int32)
-            if s == 0:
-                kdst = k_ptr + b * stride_kb + g.to(tl.int64) * stride_kh + slot.to(tl.int64) * stride_ks
-                vdst = v_ptr + b * stride_vb + g.to(tl.int64) * stride_vh + slot.to(tl.int64) * stride_vs
-                tl.store(kdst + d[None, :], k_new, mask=dmask[None, :])
-                tl.store(vdst + d[None, :], v_new, mask=dmask[None, :])
-        else:
-            q = tl.load(q_ptr + b * stride_qm + heads[:, None] * stride_qh + d[None, :],
-                        mask=gmask[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(q_ptr + b * stride_qm + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
 
         kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
         lo = kv_len * 0
@@ -129,10 +88,6 @@ if triton is not None:
             # 0 * NaN would still poison the PV dot, so masked V rows are zeroed. A select after the
             # load, not a load mask: the V load then need not wait for the `valid` load.
             v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
-            if FUSE_ROPE:   # the new token's k/v from registers (split 0 may be writing them right now)
-                hit = (offs == slot)[:, None]
-                k = tl.where(hit, k_new, k)
-                v = tl.where(hit, v_new, v)
             v = tl.where(ok[:, None], v, 0.0)
 
             if IEEE_DOT:
@@ -177,34 +132,6 @@ if triton is not None:
             tl.store(wl_ptr + wrow, l_i, mask=gmask)
             arow = b * stride_ab + heads[:, None] * stride_ah + s * stride_as + d[None, :]
             tl.store(wacc_ptr + arow, acc, mask=gmask[:, None] & dmask[None, :])
-            if FUSE_COMBINE:
-                cnt = cnt_ptr + b * tl.num_programs(1) + g
-                if arrive_last(cnt, NUM_SPLITS):
-                    # the last split of this (token, kv head) merges all of them, as the combine kernel
-                    # does (.cg reads: see arrive_last)
-                    sp = tl.arange(0, SPLITS_PAD)
-                    wbase = b * stride_wb + heads * stride_wh
-                    m2mask = gmask[:, None] & (sp < NUM_SPLITS)[None, :]
-                    m2 = tl.load(wm_ptr + wbase[:, None] + sp[None, :], mask=m2mask, other=float("-inf"),
-                                 cache_modifier=".cg")
-                    l2 = tl.load(wl_ptr + wbase[:, None] + sp[None, :], mask=m2mask, other=0.0,
-                                 cache_modifier=".cg")
-                    m_max = tl.max(m2, axis=1)
-                    m_sub = tl.where(m_max == float("-inf"), 0.0, m_max)
-                    l_tot = tl.sum(tl.exp2(m2 - m_sub[:, None]) * l2, axis=1)   # empty splits: exp2(-inf) = 0
-                    o = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-                    for s2 in tl.static_range(NUM_SPLITS):
-                        m_s = tl.load(wm_ptr + wbase + s2, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-                        a_s = tl.load(wacc_ptr + b * stride_ab + heads[:, None] * stride_ah + s2 * stride_as
-                                      + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0,
-                                      cache_modifier=".cg")
-                        o += tl.exp2(m_s - m_sub)[:, None] * a_s
-                    o = o / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-                    if FIX_BF16:
-                        o = _rne_bf16(o)
-                    tl.store(out_ptr + b * stride_om + heads[:, None] * HEAD_DIM + d[None, :], o.to(DT),
-                             mask=gmask[:, None] & dmask[None, :])
-                    tl.atomic_xchg(cnt, 0)   # back to 0 for the next launch (the next layer's included)
 
     @triton.jit
     def _attn_combine_kernel(
@@ -258,14 +185,11 @@ def default_num_splits(M: int, n_kv_heads: int, S_max: int, sms: int) -> int:
 
 def attention_workspace(M: int, n_heads: int, head_dim: int, num_splits: int, device) -> tuple:
     """fp32 partials for `num_splits` > 1: (m (M, H, S) log2-domain running max, l (M, H, S) softmax
-    denominators, acc (M, H, S, head_dim) unnormalised outputs, counters (M * H,) int32 zeros: the
-    arrival counts of the fused merge, left at 0 by every launch). Allocate once, outside graph capture.
-    A 3-tuple without the counters still works (the combine kernel then always runs)."""
+    denominators, acc (M, H, S, head_dim) unnormalised outputs). Allocate once, outside graph capture."""
     m = torch.empty(M, n_heads, num_splits, dtype=torch.float32, device=device)
     l = torch.empty(M, n_heads, num_splits, dtype=torch.float32, device=device)
     acc = torch.empty(M, n_heads, num_splits, head_dim, dtype=torch.float32, device=device)
-    counters = torch.zeros(M * n_heads, dtype=torch.int32, device=device)
-    return m, l, acc, counters
+    return m, l, acc
 
 def _block_s(block_d: int) -> int:
     # 64 positions x 128 dims of bf16 K and V = 32 KB per iteration: enough bytes in flight per
@@ -273,14 +197,12 @@ def _block_s(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0, window=0,
-                     num_splits=None, workspace=None, config=None, rope: FusedRope | None = None) -> torch.Tensor:
+                     num_splits=None, workspace=None, config=None, tuning: Tuning | None = None) -> torch.Tensor:
     """out[b, h*D:(h+1)*D] = softmax over attended positions p of (q[b,h] . k[b, h//G, p]) * scale, @ v.
 
     Attended: p < kv_lens[b], valid[b, p] != 0, and p >= kv_lens[b] - window when window > 0.
     Rows with no attended position give 0. See `decode_attention_reference` for the numerics.
-    config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps.
-    rope: do rope_qkv_cache_write's work first, in this kernel (see FusedRope): q is then only the shape
-    (M, n_heads, head_dim) and dtype of the queries (never read), the new k/v land in the caches."""
+    config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps."""
     require(q.dim() == 3 and k_cache.dim() == 4, "q must be (M, H, D) and the caches (B, KV, S, D)")
     M, n_heads, head_dim = q.shape
     B_max, n_kv, S_max, hd_k = k_cache.shape
@@ -309,12 +231,8 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     if num_splits > 1:
         if workspace is None:
             workspace = attention_workspace(M, n_heads, head_dim, num_splits, q.device)
-        require(len(workspace) in (3, 4), "workspace must be what attention_workspace returns")
-        wm, wl, wacc = workspace[:3]
-        cnt = workspace[3] if len(workspace) == 4 else None
-        fuse = cnt is not None and num_splits <= FUSED_COMBINE_MAX_SPLITS
-        require(cnt is None or (cnt.dtype == torch.int32 and cnt.numel() >= M * n_kv and cnt.device == q.device),
-                f"workspace counters must be int32 with >= {M * n_kv} elements on {q.device}")
+        require(len(workspace) == 3, "workspace must be what attention_workspace returns")
+        wm, wl, wacc = workspace
         require(wm.shape[0] >= M and tuple(wm.shape[1:]) == (n_heads, num_splits) and wm.stride(2) == 1
                 and wl.stride() == wm.stride() and wl.shape == wm.shape
                 and wacc.shape[0] >= M and tuple(wacc.shape[1:]) == (n_heads, num_splits, head_dim)
@@ -324,23 +242,11 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
     else:
         wm = wl = wacc = out  # never touched with one split
         ws_strides = (0, 0, 0, 0, 0)
-        cnt, fuse = None, False
 
     block_d = max(16, next_pow2(head_dim))
     fix_bf16 = interpret_mode() and q.dtype == torch.bfloat16
     ieee = DOT_UPCAST or q.dtype == torch.float32
-    pdl = pdl_launch_kwargs(q.device)
-    if rope is not None:
-        rope_dim = rope.check(k_cache, v_cache, q)
-        r = rope
-        rope_args = (r.qkv, r.qkv.stride(0), r.cos, r.sin, r.cos.stride(0), r.sin.stride(0), r.positions, r.slots,
-                     r.q_norm_weight if r.q_norm_weight is not None else r.cos,
-                     r.k_norm_weight if r.k_norm_weight is not None else r.cos, float(r.eps), float(r.norm_offset))
-        rope_flags = dict(FUSE_ROPE=True, ROPE_DIM=rope_dim, HAS_QNORM=r.q_norm_weight is not None,
-                          HAS_KNORM=r.k_norm_weight is not None, NORM_MODE=int(r.norm_mode))
-    else:
-        rope_args = (out, 0, out, out, 0, 0, kv_lens, kv_lens, out, out, 0.0, 0.0)
-        rope_flags = dict(FUSE_ROPE=False, ROPE_DIM=head_dim, HAS_QNORM=False, HAS_KNORM=False, NORM_MODE=0)
+    pdl = pdl_launch_kwargs(q.device, tuning)
     cfg = dict(BLOCK_S=_block_s(block_d), num_warps=4, num_stages=2)
     if config:
         unknown = set(config) - set(cfg)
@@ -352,15 +258,14 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         kv_lens, valid, valid.stride(0),
         out, out.stride(0),
-        wm, wl, wacc, *ws_strides, cnt if fuse else out,
-        float(scale), float(softcap) if softcap else 1.0, int(window), *rope_args,
+        wm, wl, wacc, *ws_strides,
+        float(scale), float(softcap) if softcap else 1.0, int(window),
         G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=cfg["BLOCK_S"],
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
-        IEEE_DOT=ieee, FIX_BF16=fix_bf16, FUSE_COMBINE=fuse, SPLITS_PAD=max(2, next_pow2(num_splits)),
-        N_HEADS=n_heads, N_KV=n_kv, ROPE_FIX=BF16_RNE_FIX, **rope_flags,
+        IEEE_DOT=ieee, FIX_BF16=fix_bf16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
-    if num_splits > 1 and not fuse:
+    if num_splits > 1:
         launch(_attn_combine_kernel, (M, n_heads))(
             wm, wl, wacc, *ws_strides,
             out, out.stride(0),

@@ -21,16 +21,15 @@ Two code paths, both exact w.r.t. the specification:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, l2_prefetch_args, launch, next_pow2,
+from ._common import (BF16_RNE_FIX, DEFAULT_TUNING, DOT_UPCAST, Tuning, check_norm_mode, launch, next_pow2,
                       norm_reference, num_sms, pdl_launch_kwargs, tl, triton)
 
 if triton is not None:
     from ._common import pdl_wait
-    from ._common import apply_norm, arrive_last, l2_prefetch, round_to
+    from ._common import apply_norm, arrive_last, round_to
 
 _ACTS = {None: 0, "silu_mul": 1, "gelu_tanh_mul": 2}
 
@@ -107,11 +106,10 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
-        pf0, pn0, pf1, pn1, pf2, pn2, pf_progs,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_AT_END: tl.constexpr,
+        BF16_FIX: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -132,7 +130,6 @@ if triton is not None:
         wu = wg
         if ACT != 0:
             wu = tl.load(u_rows + k[None, None, :], mask=mask_n3 & mk3, other=0.0)
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * (1 - PF_AT_END))
         pdl_wait(USE_PDL)
         r = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_NORM:
@@ -153,19 +150,17 @@ if triton is not None:
         _epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), offs_m, offs_n, M, N_OUT,
                   b_ptr, res_ptr, stride_rm, out_ptr, stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE,
                   BF16_FIX)
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * PF_AT_END)
 
     @triton.jit
     def _tc_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, N_OUT, K, stride_xm, stride_rm, stride_om, eps, norm_offset, res_scale,
-        pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, ws_ptr, cnt_ptr,
+        ws_ptr, cnt_ptr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         NACC: tl.constexpr,
         BF16_FIX: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-        PREFETCH: tl.constexpr, PF_AT_END: tl.constexpr,
     ):
         # axis 0 = M blocks so that programs sharing a weight tile run back to back (L2 reuse).
         pid_m = tl.program_id(0)
@@ -185,7 +180,6 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                 # (BM, 1)
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K                         # (1, BN): W^T tile
         u_cols = w_ptr + (offs_n + N_OUT).to(tl.int64)[None, :] * K
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * (1 - PF_AT_END))
         pdl_wait(USE_PDL)  # everything below may read what the previous kernel writes
         if HAS_NORM:
             r = _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)[:, None]
@@ -237,7 +231,6 @@ if triton is not None:
                 _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
                           stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
                 tl.atomic_xchg(cnt_ptr + tile, 0)   # kernels sharing the counters run after this one
-        l2_prefetch(pf0, pn0, pf1, pn1, pf2, pn2, pf_progs, PREFETCH * PF_AT_END)
 
 
 # -------------------------------------------------------------------------------------- heuristics
@@ -246,35 +239,32 @@ def _prev_pow2(n: int) -> int:
 
 
 GEMV_MAX_M = 8  # rows per program of the GEMV path, and the CPU interpreter's path switch
-# GPU: the largest M served by the GEMV path; above it the tensor-core path (16-row tiles). H100, Qwen2.5-0.5B
-# step (2026-11-26, benchmarks/results/2026-11-26-h100-s3/gemv-max-m): 8 -> 2 took batch 3/4/6/8 from
-# 1.29/1.29/1.90/1.90 to 1.12/1.13/1.17/1.17 ms; batch 1/2 unchanged. BRAID_GEMV_MAX_M overrides it (A/B).
-GPU_GEMV_MAX_M = int(os.environ.get("BRAID_GEMV_MAX_M", "2"))
-# Split-K on the small-matrix tensor-core tiles (GPU): "auto" (default) or "0" (never; A/B switch).
-SPLIT_K_MODE = os.environ.get("BRAID_SPLIT_K", "auto")
+# On a GPU the largest M served by the GEMV path is Tuning.gemv_max_m (2: larger batches ran faster on the
+# tensor-core tiles, benchmarks/NOTES.md); Tuning.split_k switches the split-K heuristic below.
 MAX_SPLIT_K = 8
 
 
-def _split_k(tiles: int, K: int, block_k: int, sms: int, has_norm: bool) -> int:
+def _split_k(tiles: int, K: int, block_k: int, sms: int, has_norm: bool, enabled: bool = True) -> int:
     """Programs per tile along K: up to ~4 per SM, each at least 2 BLOCK_K tiles deep; not for short K
     without a norm prologue. H100 sweep, Qwen2.5-0.5B at batch 4-16 (2026-11-26, session 7,
     results/2026-11-26-h100-s7 runA/runB gemv logs): down (N 896, K 4864, 56 tiles) 13.8 -> 8.4-8.7 us
     at split 5-8; qkv (norm, 36 tiles of 32 x 256) 10.3 -> 9.2 at split 2; o_proj (K 896, 56 tiles)
     4.9 -> 5.5 us at split 4: there the partial-sum round trip costs more than the programs gain."""
-    if SPLIT_K_MODE == "0" or tiles >= sms or (K < 2048 and not has_norm):
+    if not enabled or tiles >= sms or (K < 2048 and not has_norm):
         return 1
     return max(1, min(MAX_SPLIT_K, -(-4 * sms // tiles), -(-K // (2 * block_k))))
 
 
 @functools.lru_cache(maxsize=4096)
 def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool, device: torch.device,
-                   path: str | None = None, has_norm: bool = False) -> dict:
+                   path: str | None = None, has_norm: bool = False, gemv_max_m: int = DEFAULT_TUNING.gemv_max_m,
+                   split_k: bool = True) -> dict:
     """Launch parameters from shapes/dtype/device only (never tensor values: CUDA-graph safe).
 
     GPU numbers are the H100 sweep of 2026-11-25 (PDL on; benchmarks/results/2026-11-25-h100/)."""
     sms = num_sms(device)
     if path is None:
-        max_m = GEMV_MAX_M if device.type == "cpu" else GPU_GEMV_MAX_M
+        max_m = GEMV_MAX_M if device.type == "cpu" else gemv_max_m
         if device.type != "cpu" and K >= 3072 and n_out * K >= (1 << 24) and (has_act or n_out < 32768):
             # 7-9B projections: batch 2 takes the 16-row tensor-core tiles below too (Llama-3.1-8B on an
             # H100: the batch-2 step on the GEMV path took 7.06 ms, batch 4 on these tiles 6.31 ms)
@@ -337,7 +327,7 @@ def default_config(M: int, n_out: int, K: int, dtype: torch.dtype, has_act: bool
     else:
         cfg = dict(path="tc", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
     tiles = m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = _split_k(tiles, K, cfg["BLOCK_K"], sms, has_norm)
+    cfg["SPLIT_K"] = _split_k(tiles, K, cfg["BLOCK_K"], sms, has_norm, split_k)
     return cfg
 
 
@@ -360,11 +350,12 @@ def _split_need(cfg: dict, M: int, n_out: int, has_act: bool) -> tuple[int, int]
     return tiles * split * cfg["BLOCK_M"] * cfg["BLOCK_N"] * (2 if has_act else 1), tiles
 
 
-def gemv_workspace(calls, dtype: torch.dtype, device) -> GemvWorkspace | None:
+def gemv_workspace(calls, dtype: torch.dtype, device, tuning: Tuning | None = None) -> GemvWorkspace | None:
     """The workspace for fused_gemv calls given as (M, n_out, K, has_act, has_norm) tuples with the
     launcher's own configs, or None when none of them splits K."""
     device = torch.device(device)
-    need = [_split_need(default_config(M, n, K, dtype, act, device, None, norm), M, n, act)
+    t = tuning or DEFAULT_TUNING
+    need = [_split_need(default_config(M, n, K, dtype, act, device, None, norm, t.gemv_max_m, t.split_k), M, n, act)
             for M, n, K, act, norm in calls]
     elems, tiles = max(e for e, _ in need), max(t for _, t in need)
     return GemvWorkspace(elems, tiles, device) if tiles else None
@@ -385,7 +376,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: dict | None = None,
                res_scale: float | None = None, workspace: GemvWorkspace | None = None,
-               prefetch=None) -> torch.Tensor:
+               tuning: Tuning | None = None) -> torch.Tensor:
     """out (M, N_out) = [residual +] epilogue(norm(x) @ weight^T [+ bias]) [* res_scale]; see the module
     docstring (res_scale only with residual: Granite's `residual + y * residual_multiplier`).
 
@@ -394,9 +385,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     residual-stream update). No host sync, no allocation when `out` is given. `config` overrides
     the launch heuristic: keys path ("gemv"|"tc"), BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
     SPLIT_K (tc only; > 1 needs `workspace`). Without a workspace the heuristic's split is not used
-    (one program per tile); the decode step passes one (gemv_workspace). `prefetch`: up to three byte
-    ranges (1-D uint8 views) that later kernels read, asked of L2 before the PDL wait (sm_90+;
-    model/l2stream.py plans them); results do not depend on it."""
+    (one program per tile); the decode step passes one (gemv_workspace). `tuning`: the launch knobs
+    (PDL, the GEMV/tensor-core switch, split-K); results do not depend on it."""
     if act not in _ACTS:
         raise ValueError(f"act must be one of {list(_ACTS)}, got {act!r}")
     check_norm_mode(norm_mode)
@@ -429,7 +419,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
         return out
 
     path = config.get("path") if config else None
-    cfg = dict(default_config(M, n_out, K, x.dtype, act is not None, x.device, path, norm_weight is not None))
+    t = tuning or DEFAULT_TUNING
+    cfg = dict(default_config(M, n_out, K, x.dtype, act is not None, x.device, path, norm_weight is not None,
+                              t.gemv_max_m, t.split_k))
     if config:
         cfg.update(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -461,12 +453,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
                  ACT=_ACTS[act], HAS_RES=residual is not None, HAS_SCALE=res_scale is not None,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                 **pdl_launch_kwargs(x.device))
+                 **pdl_launch_kwargs(x.device, t))
     grid = ((triton.cdiv(n_out, bn), triton.cdiv(M, bm)) if cfg["path"] == "gemv" else
             (triton.cdiv(M, bm), triton.cdiv(n_out, bn), split))
-    pf_args, pf_flag = l2_prefetch_args(prefetch, x.device, x, grid[0] * grid[1] * split)
-    args += pf_args
-    flags.update(pf_flag)
     if cfg["path"] == "gemv":
         launch(_gemv_kernel, grid)(*args, **flags)
     elif cfg["path"] == "tc":

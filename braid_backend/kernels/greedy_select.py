@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import launch, next_pow2, pdl_launch_kwargs, require, tl, triton
+from ._common import Tuning, launch, next_pow2, pdl_launch_kwargs, require, tl, triton
 
 if triton is not None:
     from ._common import pdl_wait
@@ -92,7 +92,7 @@ class GreedyWorkspace:
 
 
 def greedy_select(logits, ws: GreedyWorkspace, *, done, count, eos, min_new: int, pad: int, out_tok, all_done,
-                  ids, pos, slots, kv_lens) -> None:
+                  ids, pos, slots, kv_lens, tuning: Tuning | None = None) -> None:
     """In place, see the module docstring. logits (M, V) any float dtype; done (M,) bool; count () long;
     eos (n,) long, n <= MAX_EOS (its values are only read when min_new > 0 or for the stop test: pass
     a length-0 tensor for none); out_tok, ids, pos, slots (M,) long; kv_lens (M,) int32; all_done a
@@ -109,7 +109,7 @@ def greedy_select(logits, ws: GreedyWorkspace, *, done, count, eos, min_new: int
     require(count.dtype == torch.long and count.numel() == 1, "count must be a one-element long tensor")
     n_eos = int(eos.numel())
     eos_arg = eos if n_eos else count   # never read with N_EOS == 0
-    pdl = pdl_launch_kwargs(logits.device)
+    pdl = pdl_launch_kwargs(logits.device, tuning)
     launch(_block_argmax_kernel, (M, ws.nb))(
         logits, logits.stride(0), V, ws.val, ws.idx, ws.nb, count, eos_arg, int(min_new),
         N_EOS=n_eos if min_new > 0 else 0, BLOCK=BLOCK_V, num_warps=8, **pdl)

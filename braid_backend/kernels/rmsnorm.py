@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (BF16_RNE_FIX, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
+from ._common import (BF16_RNE_FIX, Tuning, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
                       tl, triton)
 
 if triton is not None:
@@ -75,7 +75,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------- launcher
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mode: int = 0,
             norm_offset: float = 0.0, residual: torch.Tensor | None = None,
-            out: torch.Tensor | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, add_to: torch.Tensor | None = None,
+            tuning: Tuning | None = None) -> torch.Tensor:
     """RMSNorm of x (M, K) rows, see the module docstring. With `residual` (M, K), s = x + residual
     is written back into `residual` (the new residual stream) and s is normalised. With `add_to`
     (M, K) the normalised rows are added to it (out = add_to + norm(x); out may be add_to).
@@ -115,7 +116,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, norm_mo
         float(eps), float(norm_offset),
         HAS_RES=residual is not None, NORM_MODE=int(norm_mode), BLOCK_K=block_k,
         BF16_FIX=BF16_RNE_FIX, POST_ADD=add_to is not None, num_warps=num_warps,
-        **pdl_launch_kwargs(x.device),
+        **pdl_launch_kwargs(x.device, tuning),
     )
     return out
 

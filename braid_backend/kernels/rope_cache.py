@@ -10,11 +10,9 @@ on the device.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from ._common import (BF16_RNE_FIX, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
+from ._common import (BF16_RNE_FIX, Tuning, check_norm_mode, launch, next_pow2, norm_reference, pdl_launch_kwargs,
                       require, tl, triton)
 
 if triton is not None:
@@ -53,32 +51,6 @@ if triton is not None:
         rot = tl.where(d < HALF, -xp, xp)
         y = round_to(round_to(x * cos, DT, FIX_BF16) + round_to(rot * sin, DT, FIX_BF16), DT, FIX_BF16)
         return tl.where(d < ROPE_DIM, y, x)
-
-    @triton.jit
-    def rope_heads(src, heads, hmask, d, cos, sin, w_ptr, eps, norm_offset, HEAD_DIM: tl.constexpr,
-                   ROPE_DIM: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr, DT: tl.constexpr,
-                   FIX_BF16: tl.constexpr):
-        """(len(heads), BLOCK_D) fp32 (DT values): heads `heads` of the qkv row at `src`, per-head normed
-        (HAS_NORM) and roped, with the arithmetic of _rope_qkv_cache_kernel (see the reference) on a
-        block of heads: the attention kernel's fused prologue (decode_attention(rope=...)).
-        cos/sin: (BLOCK_D,) fp32 rows of this token, zero outside the rotated dims."""
-        HALF = ROPE_DIM // 2
-        dmask = d < HEAD_DIM
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        pmask = dmask & (d < ROPE_DIM)
-        partner = tl.where(pmask, partner, 0)
-        rows = src + heads[:, None].to(tl.int64) * HEAD_DIM
-        x = tl.load(rows + d[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        xp = tl.load(rows + partner[None, :], mask=hmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        if HAS_NORM:
-            r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-            w = (tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
-            wp = (tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
-            x, xp = _norm_pair(x, xp, r, w, wp, NORM_MODE, DT, FIX_BF16)
-        rot = tl.where((d < HALF)[None, :], -xp, xp)
-        y = round_to(round_to(x * cos[None, :], DT, FIX_BF16) + round_to(rot * sin[None, :], DT, FIX_BF16),
-                     DT, FIX_BF16)
-        return tl.where((d < ROPE_DIM)[None, :], y, x)
 
     @triton.jit
     def _rope_qkv_cache_kernel(
@@ -158,36 +130,9 @@ def _check(qkv, cos, sin, positions, slots, k_cache, v_cache, q_out, n_heads, n_
     check_norm_mode(norm_mode)
 
 
-class FusedRope(NamedTuple):
-    """What `rope_qkv_cache_write` takes, handed to decode_attention(rope=...) instead, which then does
-    that kernel's work in its own prologue (one launch per layer fewer): q from the qkv row, the new k/v
-    into the cache at slots[b]. Same arithmetic; no q_out is written."""
-    qkv: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    q_norm_weight: torch.Tensor | None = None
-    k_norm_weight: torch.Tensor | None = None
-    eps: float = 1e-6
-    norm_mode: int = 0
-    norm_offset: float = 0.0
-    rope_dim: int | None = None
-
-    def check(self, k_cache, v_cache, q) -> int:
-        """Validates against the attention's operands (q: (M, n_heads, head_dim), only its shape is
-        used); returns the rope dim."""
-        M, n_heads, head_dim = q.shape
-        rope_dim = head_dim if self.rope_dim is None else int(self.rope_dim)
-        _check(self.qkv, self.cos, self.sin, self.positions, self.slots, k_cache, v_cache, q, n_heads,
-               k_cache.shape[1], head_dim, rope_dim, self.norm_mode)
-        require(self.qkv.shape[0] >= M and self.qkv.dtype == q.dtype, "qkv must hold the step's rows in q's dtype")
-        return rope_dim
-
-
 def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_out, *, n_heads, n_kv_heads,
                          head_dim, q_norm_weight=None, k_norm_weight=None, eps=1e-6, norm_mode=0,
-                         norm_offset=0.0, rope_dim=None) -> None:
+                         norm_offset=0.0, rope_dim=None, tuning: Tuning | None = None) -> None:
     """In place: q_out[b] = rope(norm(q_b)); k_cache[b, :, slots[b]] = rope(norm(k_b)); v_cache[...] = v_b.
 
     See `rope_qkv_cache_write_reference` for the exact arithmetic. One program per (token, head) over
@@ -214,7 +159,7 @@ def rope_qkv_cache_write(qkv, cos, sin, positions, slots, k_cache, v_cache, q_ou
         BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_QNORM=q_norm_weight is not None, HAS_KNORM=k_norm_weight is not None,
         NORM_MODE=int(norm_mode), FIX_BF16=BF16_RNE_FIX,
-        num_warps=1 if head_dim <= 128 else 2, **pdl_launch_kwargs(qkv.device),
+        num_warps=1 if head_dim <= 128 else 2, **pdl_launch_kwargs(qkv.device, tuning),
     )
 
 

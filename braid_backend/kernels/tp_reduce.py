@@ -22,11 +22,10 @@ overwrites the slot this rank is still reading.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from ._common import BF16_RNE_FIX, launch, pdl_launch_kwargs, require, tl, triton
+from ._common import BF16_RNE_FIX, Tuning, launch, pdl_launch_kwargs, require, tl, triton
 
 if triton is not None:
     from ._common import pdl_wait, round_to
@@ -72,8 +71,6 @@ if triton is not None:
         tl.store(out + offs, y.to(DTYPE), mask=mask)
 
 
-# A/B switch for the peer loads (see the kernel); .cg unless BRAID_TP_REDUCE_LOAD=volatile
-LOAD_CG = os.environ.get("BRAID_TP_REDUCE_LOAD", "cg") != "volatile"
 BLOCK = 1024   # elements per program: Llama-8B's hidden 4096 at batch 1 is 4 programs, 4 flag pairs
 
 
@@ -83,7 +80,8 @@ def programs_for(n_elem: int) -> int:
 
 def tp_reduce(data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, counters: torch.Tensor, slot_off: int,
               rank: int, world: int, out: torch.Tensor, *, residual: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, nprog: int | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, nprog: int | None = None,
+              tuning: Tuning | None = None) -> torch.Tensor:
     """out (M, N) <- [residual +] [bias +] sum over ranks r of slot(r), see the module docstring.
 
     data_ptrs / flag_ptrs: int64 (world,) device tensors, rank r's slot buffer / flag words (int64,
@@ -112,7 +110,8 @@ def tp_reduce(data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, counters: torch.
         data_ptrs, flag_ptrs, counters, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, n, N, int(slot_off),
         RANK=rank, WORLD=world, NPROG=nprog, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        DTYPE=dt, BLOCK=BLOCK, BF16_FIX=BF16_RNE_FIX, LOAD_CG=LOAD_CG, num_warps=4, **pdl_launch_kwargs(out.device))
+        DTYPE=dt, BLOCK=BLOCK, BF16_FIX=BF16_RNE_FIX, LOAD_CG=(tuning is None or tuning.tp_reduce_load == "cg"), num_warps=4,
+        **pdl_launch_kwargs(out.device, tuning))
     return out
 
 

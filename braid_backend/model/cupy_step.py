@@ -80,8 +80,8 @@ def cupy_reason(plan: ModelPlan, device: torch.device) -> str | None:
 class CupyDecodeStep(DecodeStep):
     """DecodeStep whose layers run the persistent CuPy kernel where it can (see the module docstring)."""
 
-    def __init__(self, plan: ModelPlan, backend: str = "cupy", report=None):
-        super().__init__(plan)
+    def __init__(self, plan: ModelPlan, backend: str = "cupy", report=None, tuning=None):
+        super().__init__(plan, tuning)
         if backend not in ("cupy", "auto"):
             raise ValueError(f"CupyDecodeStep backend must be 'cupy' or 'auto', got {backend!r}")
         self.backend = backend

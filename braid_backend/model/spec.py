@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..tuning import DEFAULT as DEFAULT_TUNING
+from ..tuning import Tuning
 from .tp import TPComm, TPMismatch, tp_layout
 
 # rope types whose cos/sin depend on the position only, so one precomputed table is exact
@@ -22,8 +24,7 @@ SWITCHED_ROPE_TYPES = {"longrope"}
 # ...but HF's Phi-3 generate() also drops the KV cache and re-prefills the whole sequence (so every key
 # gets the long factors) the first time it grows past original_max_position_embeddings. braid's fast
 # generate loop (runtime/loop.py) keeps its cache, so a longrope model that can cross that length is
-# refused until that loop re-prefills at the crossing too; then set this True.
-LONGROPE_CROSSING_OK = False
+# refused (see _check_rope) until that loop re-prefills at the crossing too.
 ACTS = {"silu": "silu_mul", "swish": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
 
 
@@ -82,7 +83,7 @@ REGISTRY: list[FamilySpec] = [
                      "tables per layer type; stock ignores attn_logit_softcapping, so do we"),
     FamilySpec("phi3", ("phi3",), proj=("qkv_proj", "o_proj"), mlp_proj=("gate_up_proj", "down_proj"),
                notes="packed qkv_proj / gate_up_proj used as is; partial rotary; longrope only while it "
-                     "cannot pass original_max_position_embeddings (see LONGROPE_CROSSING_OK)"),
+                     "cannot pass original_max_position_embeddings"),
     FamilySpec("granite", ("granite",), multipliers=True,
                notes="embedding multiplier and logits_scaling in torch on the step's buffers, the residual "
                      "multiplier in the o_proj / down GEMV epilogue; "
@@ -218,7 +219,7 @@ def _check_rope(config, spec: FamilySpec) -> int | None:
             if orig is None:
                 raise Unsupported("longrope without original_max_position_embeddings")
             longrope = int(orig)
-            if config.max_position_embeddings > longrope and not LONGROPE_CROSSING_OK:
+            if config.max_position_embeddings > longrope:
                 raise Unsupported(
                     f"longrope with max_position_embeddings {config.max_position_embeddings} > "
                     f"original_max_position_embeddings {longrope}: stock generate() drops the KV cache and "
@@ -305,8 +306,9 @@ def _qk_norms(spec, attn, where, n_heads, n_kv, head_dim):
     return qn, kn
 
 
-def plan_model(model: nn.Module) -> ModelPlan:
-    """Check every assumption the fused decode step makes; raise Unsupported with the first miss."""
+def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
+    """Check every assumption the fused decode step makes; raise Unsupported with the first miss.
+    `tuning` picks the tensor-parallel all-reduce (the only knob planning reads)."""
     config = getattr(model, "config", None)
     if config is None:
         raise Unsupported("not a Hugging Face PreTrainedModel (no config)")
@@ -367,7 +369,8 @@ def plan_model(model: nn.Module) -> ModelPlan:
     intermediate = (gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features)
     final_norm = _norm(backbone, "norm", hidden, "model")
     try:
-        tp = tp_layout(model, _roles(model, layers, backbone.embed_tokens, final_norm, lm_head), n_heads, n_kv)
+        tp = tp_layout(model, _roles(model, layers, backbone.embed_tokens, final_norm, lm_head), n_heads, n_kv,
+                       tuning)
     except TPMismatch as e:
         raise Unsupported(f"tensor-parallel layout: {e}") from None
     if tp is not None and any(len(lp.qkv) == 1 or len(lp.gate_up) == 1 for lp in layers):

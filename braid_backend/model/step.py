@@ -5,7 +5,6 @@
                 [q, k = rmsnorm(q), rmsnorm(k)]      rmsnorm on the qkv slices (OLMo2's full q/k norm)
                 q, cache[slot] = rope(qkv) (+q/k norm) rope_qkv_cache_write (per-head norm: Qwen3, Gemma-3)
                 a    = attention(q, cache)           decode_attention (split-KV + combine; window, softcap)
-                                                     (BRAID_FUSED_ROPE=1: both in one, decode_attention(rope=))
                 x    = x + a @ Wo^T                  fused_gemv (residual epilogue, in place)
                 h    = act(g) * u, [g|u] = rmsnorm(x) @ Wgu^T   fused_gemv (norm + act epilogue)
                 x    = x + h @ Wd^T                  fused_gemv (residual epilogue, in place)
@@ -24,7 +23,6 @@ kernel) implements the same few members and runs under the same graphs and loops
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +31,12 @@ from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
 from ..kernels.fused_gemv import fused_gemv, gemv_workspace
 from ..kernels.rmsnorm import rmsnorm
-from ..kernels.rope_cache import FusedRope, rope_qkv_cache_write
+from ..kernels.rope_cache import rope_qkv_cache_write
+from ..tuning import DEFAULT as DEFAULT_TUNING
+from ..tuning import Tuning
 from .fuse import fuse_linears, unfuse_linears
-from .l2stream import stream_plan
 from .spec import ModelPlan, norm_eps
 from .tp import FlagPartials, local
-
-# A/B switch for the TP residual-through-the-all-reduce path (0: all-reduce, then a separate add)
-_RESIDUAL_IN_REDUCE = os.environ.get("BRAID_TP_RESIDUAL_IN_REDUCE", "1") != "0"
-# BRAID_FUSED_ROPE=1 (opt-in): RoPE + q/k norm + cache write in the attention kernel's prologue, one launch
-# per layer fewer. Off: on an H100 (session 8, results/2026-11-26-h100-s8/runE, graph replays of the step,
-# same card) it gained only on Qwen2.5-0.5B (693 -> 685 us) and lost on Llama-3.2-1B (+1%), Gemma-2-2B
-# (+2.5%), Qwen2.5-1.5B (+6%), Qwen3-0.6B (+9%) and SmolLM2 (+10%): the prologue's dependent chain
-# (qkv load -> norm -> rope) now sits before the first K/V tile of every split
-_FUSED_ROPE = os.environ.get("BRAID_FUSED_ROPE", "0") == "1"
 
 
 @dataclass
@@ -136,7 +126,7 @@ class StepBuffers:
                  (M, st.w_lm.shape[0], p.hidden, False, True)]
         calls += [c for norm in (False, True)
                   for c in ((M, n_qkv, p.hidden, False, norm), (M, st.intermediate, p.hidden, True, norm))]
-        self.gemv_ws = gemv_workspace(calls, dt, dev)
+        self.gemv_ws = gemv_workspace(calls, dt, dev, st.tuning)
 
 
 class DecodeStep:
@@ -144,8 +134,9 @@ class DecodeStep:
 
     backend = "triton"
 
-    def __init__(self, plan: ModelPlan):
+    def __init__(self, plan: ModelPlan, tuning: Tuning | None = None):
         self.plan, self.tp = plan, plan.tp
+        self.tuning = tuning or DEFAULT_TUNING
         world = plan.tp.world if plan.tp is not None else 1
         lm = local(plan.lm_head.weight)
         self.device, self.dtype, self.vocab = lm.device, lm.dtype, plan.lm_head.weight.shape[0]
@@ -169,9 +160,6 @@ class DecodeStep:
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
         self.table_len = 0
         self.weights_ptr = self._weights_ptr()
-        # per layer, the L2 prefetch ranges of its qkv, o_proj, gate_up and down launches (l2stream.py)
-        pf = stream_plan([w for fl in self.layers for w in (fl.w_qkv, fl.w_o, fl.w_gu, fl.w_down)], self.device)
-        self.prefetch = [pf[4 * i:4 * i + 4] for i in range(len(self.layers))]
 
     def _weights_ptr(self) -> int:
         return local(self.plan.layers[0].q.weight).data_ptr()
@@ -187,7 +175,6 @@ class DecodeStep:
         unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
                         for m in group])
         self.layers.clear()
-        self.prefetch.clear()   # uint8 views of the weights: they would keep them alive
         self.tables.clear()
 
     # -- rope ----------------------------------------------------------------------------------------
@@ -255,37 +242,36 @@ class DecodeStep:
         return StepBuffers(self, M, max_len)
 
     # -- the step ------------------------------------------------------------------------------------
-    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float, slot: int, pf=None) -> None:
+    def _sublayer_out(self, b: StepBuffers, h, w, bias, post_norm, eps: float, slot: int) -> None:
         """x += [post_norm](h @ W^T + bias) [* residual_mult], with HF's cast points.
 
         Tensor parallel: this rank's partial sum is rounded to the dtype, all-reduced, and the bias is
         added after the reduce (once), as transformers' row-wise layer does. `slot`: which of the two
         partial-sum slots of the "flags" reduce (attention 0, MLP 1: consecutive reduces alternate)."""
-        p, tp = self.plan, self.tp
+        p, tp, t = self.plan, self.tp, self.tuning
         direct = post_norm is None   # the sublayer's output goes straight into x (times m for Granite)
         if tp is None:
             if direct:   # x + y, or Granite's x + rnd(y * m), in the GEMV's epilogue
                 fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult,
-                           workspace=b.gemv_ws, prefetch=pf)
+                           workspace=b.gemv_ws, tuning=t)
                 return
-            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws, prefetch=pf)
+            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws, tuning=t)
         elif isinstance(b.part, FlagPartials):
-            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws, prefetch=pf)
+            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws, tuning=t)
             if direct and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
             b.part.reduce(slot, b.tmp, bias=bias)
         else:
-            if direct and p.residual_mult is None and bias is None and _RESIDUAL_IN_REDUCE:
+            if direct and p.residual_mult is None and bias is None and t.tp_residual_in_reduce:
                 # x = sum over ranks of (rank 0: x + partial, others: partial): the all-reduce does the
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
                 dst = b.x if b.part is None else b.part
-                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws,
-                           prefetch=pf)
+                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws, tuning=t)
                 tp.reduce_into(b.part, b.x)
                 return
-            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws, prefetch=pf)
+            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws, tuning=t)
             tp.reduce_into(b.part, b.tmp)
             if bias is not None:
                 b.tmp.add_(bias)
@@ -293,10 +279,10 @@ class DecodeStep:
         if post_norm is not None:   # HF: residual + post_norm(y)
             if p.residual_mult is None:   # one kernel: norm, then add into x
                 rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
-                        norm_offset=p.spec.norm_offset, add_to=b.x, out=b.x)
+                        norm_offset=p.spec.norm_offset, add_to=b.x, out=b.x, tuning=t)
                 return
             rmsnorm(b.tmp, _w(post_norm), eps=eps, norm_mode=p.spec.norm_mode,
-                    norm_offset=p.spec.norm_offset, out=b.tmp)
+                    norm_offset=p.spec.norm_offset, out=b.tmp, tuning=t)
         if p.residual_mult is not None:   # HF: residual + y * m (two roundings, as here)
             b.tmp.mul_(p.residual_mult)
         b.x.add_(b.tmp)
@@ -334,31 +320,29 @@ class DecodeStep:
             b.x.mul_(p.embed_scale)   # HF: embeds * scale (a dtype-rounded tensor or a python float)
         ropes = self._rope_inputs(b)
         full_qk = p.spec.qk_norm == "full"
+        t = self.tuning
         for i, fl in enumerate(self.layers):
-            lp, pf = fl.plan, self.prefetch[i]
+            lp = fl.plan
             fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
-                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws, prefetch=pf[0])
+                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws, tuning=t)
             if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
                 rmsnorm(b.qkv[:, :dq], _w(lp.q_norm), eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
-                        out=b.qkv[:, :dq])
+                        out=b.qkv[:, :dq], tuning=t)
                 rmsnorm(b.qkv[:, dq:dq + dk], _w(lp.k_norm), eps=norm_eps(lp.k_norm), norm_mode=nm,
-                        norm_offset=no, out=b.qkv[:, dq:dq + dk])
+                        norm_offset=no, out=b.qkv[:, dq:dq + dk], tuning=t)
             cos, sin, rows = ropes[lp.rope_key]
-            rope = FusedRope(b.qkv, cos, sin, rows, b.slots, q_norm_weight=_w(lp.q_norm) if not full_qk else None,
-                             k_norm_weight=_w(lp.k_norm) if not full_qk else None, eps=fl.eps_qk, norm_mode=nm,
-                             norm_offset=no, rope_dim=cos.shape[1])
-            if not _FUSED_ROPE:
-                rope_qkv_cache_write(b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
-                                     n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=p.head_dim,
-                                     q_norm_weight=rope.q_norm_weight, k_norm_weight=rope.k_norm_weight,
-                                     eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=rope.rope_dim)
+            rope_qkv_cache_write(b.qkv, cos, sin, rows, b.slots, cache.k[i], cache.v[i], b.q,
+                                 n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=p.head_dim,
+                                 q_norm_weight=None if full_qk else _w(lp.q_norm),
+                                 k_norm_weight=None if full_qk else _w(lp.k_norm),
+                                 eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=cos.shape[1], tuning=t)
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
-                             workspace=b.ws, rope=rope if _FUSED_ROPE else None)
-            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0, pf[1])
+                             workspace=b.ws, tuning=t)
+            self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0)
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
-                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, prefetch=pf[2])
-            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1, pf[3])
+                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, tuning=t)
+            self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
         return self._head(b)
 
     def _head(self, b: StepBuffers) -> torch.Tensor:
@@ -367,7 +351,7 @@ class DecodeStep:
         nm, no = p.spec.norm_mode, p.spec.norm_offset
         lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
         fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
-                   norm_mode=nm, norm_offset=no, out=lm_out, workspace=b.gemv_ws)
+                   norm_mode=nm, norm_offset=no, out=lm_out, workspace=b.gemv_ws, tuning=self.tuning)
         if lm_out is not b.logits:
             tp.gather_logits(lm_out, b.logits_all, b.logits)
         if p.logits_div is not None:      # Granite: logits / logits_scaling, in the model dtype like HF

@@ -11,7 +11,6 @@ runs, in the same order, so each rank's cast points match stock's.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -19,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.tp_reduce import programs_for, tp_reduce
+from ..tuning import DEFAULT as DEFAULT_TUNING
+from ..tuning import Tuning
 
 try:  # torch builds without distributed support have no DTensor: then nothing is sharded
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -70,6 +71,7 @@ class TPComm:
     all_reduce_impl: str = "nccl"
     note: str | None = None         # why the faster all-reduce is not used, for the report
     device: torch.device = torch.device("cpu")   # this rank's device
+    tuning: Tuning = DEFAULT_TUNING              # the launch knobs of the flag reduce
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, group=self.group)
@@ -140,6 +142,7 @@ class FlagPartials:
         M, N = shape
         n = M * N
         self.shape, self.rank, self.world, self.n = (M, N), comm.rank, comm.world, n
+        self.tuning = comm.tuning
         self.nprog = programs_for(n)
         data_bytes = -(-2 * n * dtype.itemsize // 16) * 16
         buf = symm_mem.empty(data_bytes + comm.world * self.nprog * 8, dtype=torch.uint8, device=device)
@@ -161,7 +164,7 @@ class FlagPartials:
                bias: torch.Tensor | None = None) -> None:
         """out <- [residual +] [bias +] sum over ranks of slot k (every rank gets the same bits)."""
         tp_reduce(self.data_ptrs, self.flag_ptrs, self.counters, k * self.n, self.rank, self.world, out,
-                  residual=residual, bias=bias, nprog=self.nprog)
+                  residual=residual, bias=bias, nprog=self.nprog, tuning=self.tuning)
 
 
 class TPMismatch(Exception):
@@ -195,7 +198,8 @@ def _wanted(role: str, pname: str) -> set:
     return rep
 
 
-def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: int) -> TPComm | None:
+def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: int,
+              tuning: Tuning = DEFAULT_TUNING) -> TPComm | None:
     """Check every sharded parameter against the role of its module; None when nothing is sharded.
 
     roles: module name -> (role, module) for every module the fused step reads (see STYLES)."""
@@ -239,23 +243,21 @@ def tp_layout(model, roles: dict[str, tuple[str, object]], n_heads: int, n_kv: i
         raise TPMismatch(f"sharded parameters outside the fused modules: {unknown[:3]}")
     vocab_start = rank * (local(model.get_input_embeddings().weight).shape[0]) if embed_sharded else 0
     device = next(iter(sharded.values())).device
-    impl, note = _choose_all_reduce(group, device)
+    impl, note = _choose_all_reduce(group, device, tuning.tp_allreduce)
     return TPComm(group, world, rank, dist.get_global_rank(group, 0), embed_sharded, vocab_start, lm_sharded,
-                  impl, note, device)
+                  impl, note, device, tuning)
 
 
-def _choose_all_reduce(group, device) -> tuple[str, str | None]:
+def _choose_all_reduce(group, device, want: str = "auto") -> tuple[str, str | None]:
     """("flags", None) when every rank can map symmetric memory (CUDA, NVLink/P2P peers): our flag-synced
     reduce kernel, part of the PDL chain (kernels/tp_reduce.py); "symm" is torch's one-shot op over the
     same memory (cut Llama-3.1-8B TP=2 batch 1 from 3.05 to 2.77-2.92 ms/step against NCCL on 2 H200s);
-    else the group's own backend, with the reason. BRAID_TP_ALLREDUCE=nccl|symm|flags forces one."""
-    want = os.environ.get("BRAID_TP_ALLREDUCE", "auto")
-    if want not in ("auto", "nccl", "symm", "flags"):
-        raise ValueError(f"BRAID_TP_ALLREDUCE={want!r}: use 'auto' (default), 'nccl', 'symm' or 'flags'")
+    else the group's own backend, with the reason. Tuning.tp_allreduce = nccl|symm|flags forces one
+    (BRAID_TP_ALLREDUCE)."""
     backend = str(dist.get_backend(group))
     if device.type != "cuda":
         if want in ("symm", "flags"):
-            raise ValueError(f"BRAID_TP_ALLREDUCE={want} needs CUDA devices (symmetric memory)")
+            raise ValueError(f"tp_allreduce={want!r} (BRAID_TP_ALLREDUCE) needs CUDA devices (symmetric memory)")
         return backend, None
     if want == "nccl":
         return backend, None
@@ -276,5 +278,5 @@ def _choose_all_reduce(group, device) -> tuple[str, str | None]:
         return ("symm" if want == "symm" else "flags"), None
     why = why or "another rank could not map symmetric memory"
     if want != "auto":
-        raise ValueError(f"BRAID_TP_ALLREDUCE={want}: {why}")
+        raise ValueError(f"tp_allreduce={want!r} (BRAID_TP_ALLREDUCE): {why}")
     return backend, f"symmetric-memory all-reduce unavailable ({why}); using {backend}"

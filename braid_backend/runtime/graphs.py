@@ -5,13 +5,12 @@ memory pool (a new one once none is left) and each has its own static StepBuffer
 allocate. A graph is captured the first
 time it is needed (warm-up on a side stream first, which also compiles the Triton kernels) and again
 only when the cache buffers are re-allocated (growth, new dtype/size). Before the first warm-up of a body
-at a bucket, its kernels are compiled in parallel worker processes (runtime/precompile.py; BRAID_PRECOMPILE=0
+at a bucket, its kernels are compiled in parallel worker processes (runtime/precompile.py; Tuning.precompile
 turns that off), so the warm-up only loads them from Triton's on-disk cache.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -133,7 +132,7 @@ class GraphRunner:
         """Compile the kernels of `dry_body` in parallel before the warm-up (see runtime/precompile.py),
         once per (body tag, bucket) of this runner: another bucket launches other variants (tile sizes,
         gemv vs tensor-core path), while a re-capture of the same pair (cache re-allocated) would only
-        repeat the dry run. BRAID_PRECOMPILE=0 turns it off; under the interpreter it does nothing.
+        repeat the dry run. Tuning(precompile=False) turns it off; under the interpreter it does nothing.
 
         The dry body is capture()'s dry_body if given (the K-step loop's: one of its K steps), else the
         body. One step finds what K would: each step runs the same ops on the same buffers and shapes,
@@ -150,7 +149,7 @@ class GraphRunner:
         the last step's reads, which warm_slots leaves room for, and tokens come from an argmax
         (always in range). cache.valid's warm slots are restored after capture, like the warm-up's
         writes."""
-        if os.environ.get("BRAID_PRECOMPILE", "1") == "0":
+        if not self.step.tuning.precompile:
             return None
         once = (key.tag, key.bucket)
         if once in self.precompiled:

@@ -36,6 +36,7 @@ class DecodeStep(Protocol):
     num_layers: int
     n_kv_heads: int
     head_dim: int
+    tuning: object          # braid_backend.Tuning: the launch knobs its kernels and the runtime's take
 
     def new_buffers(self, M: int, max_len: int) -> StepBuffers:
         """Buffers for M rows over caches of max_len positions (allocates: never inside a capture)."""

@@ -56,7 +56,7 @@ class FastLoop:
                 greedy_select(logits, self.greedy, done=sel.done, count=sel.count, eos=sel.eos,
                               min_new=sel.cfg.min_new_tokens, pad=sel.cfg.pad, out_tok=self.ring[k],
                               all_done=self.all_done[k:k + 1], ids=b.ids, pos=b.pos, slots=b.slots,
-                              kv_lens=b.kv_lens)
+                              kv_lens=b.kv_lens, tuning=self.step.tuning)
                 continue
             tok = select_next(logits, self.sel, self.step.agree)
             self.ring[k].copy_(tok)

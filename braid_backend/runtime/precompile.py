@@ -300,7 +300,7 @@ _KEY_THREAD: threading.Thread | None = None   # the last thread warm_triton_key(
 KEY_JOIN_TIMEOUT_S = 30.0
 
 
-def warm_triton_key() -> threading.Thread | None:
+def warm_triton_key(enabled: bool = True) -> threading.Thread | None:
     """Start Triton's per-process installation hash (`triton_key()`: its sources and libtriton) in a
     daemon thread. The first compile or disk-cache lookup of a process needs it: 0.59 s of a warm first
     call on the H100 host (results/2026-11-26-h100-s5, run2). Started at patch(), it overlaps HF's
@@ -308,9 +308,9 @@ def warm_triton_key() -> threading.Thread | None:
     sha256 release the GIL. lru_cache does not make a second caller wait for a computation in progress
     (both would compute it), so precompile() joins this thread (join_triton_key) before its first need,
     and a thread still running is returned instead of starting another. None (nothing started) without
-    Triton, under the interpreter, or BRAID_PRECOMPILE=0."""
+    Triton, under the interpreter, or with precompile off (enabled=False: Tuning.precompile)."""
     global _KEY_THREAD
-    if unavailable_reason() or os.environ.get("BRAID_PRECOMPILE", "1") == "0":
+    if unavailable_reason() or not enabled:
         return None
     if _KEY_THREAD is not None and _KEY_THREAD.is_alive():
         return _KEY_THREAD
