@@ -116,6 +116,12 @@ class CupyDecodeStep(DecodeStep):
             self._choose(M, "triton")
         self._event(f"backend {self.backend}: CuPy layer kernel off, Triton from now on ({self.failed})", warn=True)
 
+    def describe(self) -> list[tuple[str, str]]:
+        """DecodeStep's rows plus what this backend changes: which buckets may run the layer kernel."""
+        return super().describe() + [(
+            "decode layers (CuPy)", f"backend {self.backend}: one persistent CuPy kernel per layer for batch "
+                                    "buckets the kernel takes (chosen at first use), the Triton layers otherwise")]
+
     # -- buffers -------------------------------------------------------------------------------------
     def bucket_reason(self, M: int) -> str | None:
         return self.spec.bucket_reason(M)

@@ -359,3 +359,31 @@ class DecodeStep:
         if p.final_softcap is not None:   # Gemma-2/3: tanh(logits / cap) * cap, each op in the dtype like HF
             b.logits.div_(p.final_softcap).tanh_().mul_(p.final_softcap)
         return b.logits
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(module, what replaces its decode work) rows for the PatchReport, read off this step's own
+        layers and plan, so they change with the step."""
+        p, spec = self.plan, self.plan.spec
+
+        def names(*parts):  # module names as this family calls them (None: the family has no such norm)
+            return "+".join(n for n in parts if n)
+
+        rows = []
+        for fl in self.layers:
+            lp = fl.plan
+            pre = "rmsnorm + " if lp.attn_norm is not None else ""
+            extra = {"head": " + q/k norm", "full": " + q/k norm (whole projection)"}.get(spec.qk_norm or "", "")
+            bias = " + bias" if fl.b_qkv is not None else ""
+            win = f", sliding window {lp.window}" if lp.window else ""
+            post = " + post-norm" if lp.attn_out_norm is not None else ""
+            rows.append((f"model.layers.{lp.index}." + names(spec.attn_norm, spec.attn, spec.attn_out_norm),
+                         f"{pre}qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
+                         f"o_proj GEMV{post} + residual"))
+            pre = "rmsnorm + " if lp.mlp_norm is not None else ""
+            post = " + post-norm" if lp.mlp_out_norm is not None else ""
+            rows.append((f"model.layers.{lp.index}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm),
+                         f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
+        rows.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
+        if self.tp is not None:
+            rows.append(("tensor parallelism", self.tp.describe()))
+        return rows
