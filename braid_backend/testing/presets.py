@@ -114,6 +114,47 @@ PRESETS: dict[str, tuple[str, dict]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, rms_norm_eps=1e-6,
         no_rope_layer_interval=4, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128012,
         pad_token_id=128004)),
+    # mixture-of-experts models (issue #23), real sizes; they fit an H200 in bf16
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)),
+    "gpt-oss-20b": ("GptOssConfig", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 12,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False},
+        tie_word_embeddings=False, bos_token_id=199998, eos_token_id=200002, pad_token_id=199999)),
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=50279, pad_token_id=1)),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151643)),
+    "granite-3.1-3b-a800m": ("GraniteMoeConfig", dict(
+        vocab_size=49155, hidden_size=1536, intermediate_size=512, num_hidden_layers=32,
+        num_attention_heads=24, num_key_value_heads=8, num_local_experts=40, num_experts_per_tok=8,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0}, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)),
 }
 
 # Tiny configs of each family for CPU tests (Triton interpreter). Odd-ish sizes on purpose.
@@ -163,10 +204,41 @@ TINY: dict[str, tuple[str, dict]] = {
     "tiny-smollm3": ("SmolLM3Config", dict(_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2,
                                            no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0,
                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # mixture-of-experts families: few experts, top-2/3, odd sizes; every layer sparse
+    "tiny-qwen3-moe": ("Qwen3MoeConfig", dict(
+        _TINY_COMMON, moe_intermediate_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "tiny-qwen2-moe": ("Qwen2MoeConfig", dict(
+        _TINY_COMMON, moe_intermediate_size=40, shared_expert_intermediate_size=72, num_attention_heads=6,
+        num_key_value_heads=2, num_experts=5, num_experts_per_tok=3, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "tiny-mixtral": ("MixtralConfig", dict(
+        _TINY_COMMON, intermediate_size=56, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "tiny-olmoe": ("OlmoeConfig", dict(
+        _TINY_COMMON, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "tiny-gpt-oss": ("GptOssConfig", dict(
+        _TINY_COMMON, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_limit=7.0,
+        tie_word_embeddings=False, pad_token_id=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False})),
+    "tiny-granitemoe": ("GraniteMoeConfig", dict(
+        _TINY_COMMON, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
+        logits_scaling=8.0, tie_word_embeddings=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 TINY["tiny"] = TINY["tiny-qwen2"]
 ALL_PRESETS = {**PRESETS, **TINY}
-EAGER_MODEL_TYPES = {"gemma2": "eager"}
+# gpt-oss has no sdpa path in transformers (attention sinks): eager, as stock loads it
+EAGER_MODEL_TYPES = {"gemma2": "eager", "gpt_oss": "eager"}
 
 
 def make_config(name: str, **overrides):
@@ -190,6 +262,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     tests; real checkpoints have neither."""
     g = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
+        if name.endswith(".sinks"):   # gpt-oss attention sinks: init ~0.02 would hide a kernel that drops them
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+            continue
         if name.endswith("bias") or "norm" in name.split(".")[-2]:
             base = 1.0 if "norm" in name.split(".")[-2] and not name.endswith("bias") else 0.0
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * (0.2 if base else 0.05)
@@ -221,6 +296,10 @@ def build_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str | to
 
 def _approx_params(cfg) -> float:
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if experts:   # MoE: every expert's gate/up/down (plus a shared expert where there is one)
+        i = experts * (getattr(cfg, "moe_intermediate_size", None) or i)
+        i += getattr(cfg, "shared_expert_intermediate_size", 0) or 0
     return n * (4 * h * h + 3 * h * i) + cfg.vocab_size * h
 
 
