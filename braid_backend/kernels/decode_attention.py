@@ -37,10 +37,11 @@ if triton is not None:
         kv_lens_ptr, valid_ptr, stride_valid,
         out_ptr, stride_om,
         wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as,
-        scale, softcap, window,
+        scale, softcap, window, sink_ptr,
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -121,6 +122,12 @@ if triton is not None:
             m_i = m_new
 
         if NUM_SPLITS == 1:
+            if HAS_SINKS:   # gpt-oss: one more logit per head in the denominator, with no value
+                s2 = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
+                m_new = tl.maximum(m_i, s2)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.exp2(s2 - m_new)
+                acc = acc * alpha[:, None]
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no valid position -> acc = 0 -> 0
             if FIX_BF16:
                 o = _rne_bf16(o)
@@ -136,9 +143,9 @@ if triton is not None:
     @triton.jit
     def _attn_combine_kernel(
         wm_ptr, wl_ptr, wacc_ptr, stride_wb, stride_wh, stride_ab, stride_ah, stride_as,
-        out_ptr, stride_om,
+        out_ptr, stride_om, sink_ptr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-        FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+        FIX_BF16: tl.constexpr, USE_PDL: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -154,9 +161,14 @@ if triton is not None:
         acc = tl.load(wacc_ptr + b * stride_ab + h * stride_ah + sp[:, None] * stride_as + d[None, :],
                       mask=smask[:, None] & dmask[None, :], other=0.0)
         m_max = tl.max(m, axis=0)
+        if HAS_SINKS:   # the sink is one more partial: max s2, denominator 1, no value
+            s2 = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+            m_max = tl.maximum(m_max, s2)
         m_sub = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_sub)  # empty splits: exp2(-inf) = 0
         l_tot = tl.sum(w * l, axis=0)
+        if HAS_SINKS:
+            l_tot += tl.exp2(s2 - m_sub)
         o = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
         if FIX_BF16:
             o = _rne_bf16(o)
@@ -197,11 +209,13 @@ def _block_s(block_d: int) -> int:
     return 64 if block_d <= 128 else 32
 
 def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0, window=0,
-                     num_splits=None, workspace=None, config=None, tuning: Tuning | None = None) -> torch.Tensor:
+                     num_splits=None, workspace=None, config=None, sinks=None,
+                     tuning: Tuning | None = None) -> torch.Tensor:
     """out[b, h*D:(h+1)*D] = softmax over attended positions p of (q[b,h] . k[b, h//G, p]) * scale, @ v.
 
     Attended: p < kv_lens[b], valid[b, p] != 0, and p >= kv_lens[b] - window when window > 0.
     Rows with no attended position give 0. See `decode_attention_reference` for the numerics.
+    sinks: (n_heads,) per-head logits that join each softmax's denominator with no value (gpt-oss).
     config: launch overrides of the split kernel (BLOCK_S, num_warps, num_stages), for sweeps."""
     require(q.dim() == 3 and k_cache.dim() == 4, "q must be (M, H, D) and the caches (B, KV, S, D)")
     M, n_heads, head_dim = q.shape
@@ -221,6 +235,8 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         out = torch.empty(M, n_heads * head_dim, dtype=q.dtype, device=q.device)
     require(out.shape[0] >= M and out.shape[1] == n_heads * head_dim and out.stride(1) == 1 and out.dtype == q.dtype,
             f"out must be (>= {M}, {n_heads * head_dim}) of {q.dtype} with a unit last stride")
+    require(sinks is None or (sinks.dim() == 1 and sinks.shape[0] == n_heads and sinks.is_contiguous()
+                              and sinks.device == q.device), f"sinks must be a contiguous ({n_heads},) tensor on {q.device}")
     if M == 0:
         return out
     if num_splits is None:
@@ -259,18 +275,18 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
         kv_lens, valid, valid.stride(0),
         out, out.stride(0),
         wm, wl, wacc, *ws_strides,
-        float(scale), float(softcap) if softcap else 1.0, int(window),
+        float(scale), float(softcap) if softcap else 1.0, int(window), sinks if sinks is not None else out,
         G=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=cfg["BLOCK_S"],
         NUM_SPLITS=num_splits, HAS_SOFTCAP=bool(softcap and softcap > 0), HAS_WINDOW=bool(window and window > 0),
-        IEEE_DOT=ieee, FIX_BF16=fix_bf16,
+        IEEE_DOT=ieee, FIX_BF16=fix_bf16, HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if num_splits > 1:
         launch(_attn_combine_kernel, (M, n_heads))(
             wm, wl, wacc, *ws_strides,
-            out, out.stride(0),
+            out, out.stride(0), sinks if sinks is not None else out,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, next_pow2(num_splits)), FIX_BF16=fix_bf16,
+            SPLITS_PAD=max(2, next_pow2(num_splits)), FIX_BF16=fix_bf16, HAS_SINKS=sinks is not None,
             num_warps=2 if block_d * num_splits <= 4096 else 4, **pdl,
         )
     return out
@@ -278,7 +294,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, so
 # ----------------------------------------------------------------------------- torch reference
 
 def decode_attention_reference(q, k_cache, v_cache, kv_lens, valid, *, scale, out=None, softcap=0.0,
-                               window=0, num_splits=None, workspace=None) -> torch.Tensor:
+                               window=0, num_splits=None, workspace=None, sinks=None) -> torch.Tensor:
     """What the kernel computes (num_splits/workspace do not change the math), with dt = q.dtype:
 
     s[p]  = (q.float() . k[p].float()) * scale                 fp32 (bf16 products are exact in fp32)
@@ -287,6 +303,7 @@ def decode_attention_reference(q, k_cache, v_cache, kv_lens, valid, *, scale, ou
     e     = exp(s - max(s))                                    fp32
     o     = (e.to(dt).float() @ v.float()) / sum(e)            p rounded for the PV product, fp32 sum
                                                                (V rows of masked positions are not read)
+    sinks: max(s) and sum(e) also run over the head's sink logit (a term with no value)
     out   = o.to(dt)                                           0 for rows with nothing attended
     The kernel's online softmax rounds e relative to a running max; that differs from this only in the
     bf16 rounding of e (a few ulp of e, then averaged)."""
@@ -306,9 +323,14 @@ def decode_attention_reference(q, k_cache, v_cache, kv_lens, valid, *, scale, ou
         ok = ok & (pos >= lens - window)
     s = s.masked_fill(~ok[:, None, :], float("-inf"))
     mx = s.amax(-1, keepdim=True)
+    if sinks is not None:
+        sk = sinks.float()[None, :, None]
+        mx = torch.maximum(mx, sk)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     e = torch.exp(s - mx)
     den = e.sum(-1, keepdim=True)
+    if sinks is not None:
+        den = den + torch.exp(sk - mx)
     v = v.masked_fill(~ok[:, None, :, None], 0.0)  # masked slots are never read (may hold NaN)
     o = torch.einsum("mhs,mhsd->mhd", e.to(dt).float(), v) / torch.where(den > 0, den, torch.ones_like(den))
     o = o.to(dt).reshape(M, n_heads * D)
