@@ -1,0 +1,161 @@
+"""Quantized linear modules as transformers loads them -> kernels.quant_gemv.QuantWeight (views, no copy), or
+Unsupported(reason) for anything the fused kernels cannot compute exactly.
+
+What transformers 5.17-5.24 builds (read from their integrations, not guessed):
+  FineGrainedFP8 (quant_method "fp8"): `FP8Linear` (transformers.integrations.finegrained_fp8), `weight` e4m3 (N, K),
+    `weight_scale_inv` fp32 (ceil(N/bn), ceil(K/bk)) for block_size (bn, bk), a 0-d scale for block_size None.
+    activation_scheme "dynamic" quantizes activations per 128-block on the fly in stock; the fused kernels keep them
+    in bf16 (weight-only numerics: judge them against the bf16-dequantised model, not stock).
+  compressed-tensors (quant_method "compressed-tensors"): plain nn.Linear modules carrying `quantization_scheme` and
+    `quantization_status` ("compressed" while quantized); float-quantized keeps `weight` e4m3 + `weight_scale`,
+    pack-quantized holds `weight_packed` / `weight_scale` / `weight_shape` [/ `weight_zero_point`]. A model-level
+    forward pre-hook (`model.ct_decompress_hook`) decompresses every module on the first forward: read the
+    weights before any stock forward runs (afterwards they are dense bf16 and this returns None).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.quant_gemv import QuantWeight, pack_int4
+from .spec import Unsupported
+
+# Loaders we cannot use here, with why (checked with pip on this machine, 2026: torch 2.13 / transformers 5.24).
+REFUSED_METHODS = {
+    "gptq": "GPTQ checkpoints need the gptqmodel loader; gptqmodel 7.7 requires torch 2.14 and transformers >= 5.20.2 "
+            "(it would replace the installed torch/triton), so it is not installed and its packed layout is not read",
+    "awq": "AWQ int4 (autoawq's packed order and zero points) is not implemented in the fused kernels",
+    "bitsandbytes": "bitsandbytes NF4/FP4 (and int8) weights are not implemented in the fused kernels (bitsandbytes "
+                    "0.50 installs, but its 4-bit layout with double-quantised absmax is not decoded)",
+}
+SUPPORTED_METHODS = ("fp8", "compressed-tensors")
+
+
+def model_quant_method(model: nn.Module) -> str | None:
+    """The model's quant_method when it is one the kernels read, None for a dense model; Unsupported otherwise."""
+    q = getattr(model, "hf_quantizer", None)
+    cfg = getattr(q, "quantization_config", None) or getattr(getattr(model, "config", None), "quantization_config", None)
+    if q is None and cfg is None:
+        return None
+    method = cfg.get("quant_method") if isinstance(cfg, dict) else getattr(cfg, "quant_method", None)
+    method = str(getattr(method, "value", method)).lower()
+    for key, why in REFUSED_METHODS.items():
+        if key in method:
+            raise Unsupported(why)
+    if method not in SUPPORTED_METHODS:
+        raise Unsupported(f"quantization method {method!r} is not supported (fused kernels read: "
+                          f"{', '.join(SUPPORTED_METHODS)})")
+    if method == "fp8" and getattr(cfg, "dequantize", False):
+        return None   # dequantised at load (e.g. no FP8-capable GPU): the model is dense bf16
+    return method
+
+
+def _fp8_linear(m: nn.Module) -> QuantWeight:
+    w, s = m.weight, m.weight_scale_inv
+    N, K = w.shape
+    if w.dtype != torch.float8_e4m3fn:
+        raise Unsupported(f"FP8Linear weight of dtype {w.dtype} (FP4 / e5m2 layouts are not implemented)")
+    if s.dtype != torch.float32:
+        raise Unsupported(f"FP8Linear scales of dtype {s.dtype} (ue8m0 / MX scales are not implemented)")
+    if getattr(m, "activation_scheme", "dynamic") != "dynamic" or getattr(m, "activation_scale", None) is not None:
+        raise Unsupported("FP8Linear with static activation scales (calibrated FP8 activations): the fused kernels "
+                          "keep activations in bf16, which changes the numerics the checkpoint was calibrated for")
+    block = getattr(m, "block_size", None)
+    if block is None:
+        return QuantWeight("fp8_tensor", w.data, s.data, (N, K))
+    bn, bk = (int(v) for v in block)
+    if any(b < 16 or b & (b - 1) for b in (bn, bk)):
+        raise Unsupported(f"FP8 block size {block}: the kernels need power-of-two blocks of at least 16")
+    return QuantWeight("fp8_block", w.data, s.data, (N, K), block=(bn, bk))
+
+
+def _ct_linear(m: nn.Module) -> QuantWeight | None:
+    scheme = m.quantization_scheme
+    status = str(getattr(getattr(m, "quantization_status", None), "value", getattr(m, "quantization_status", None)))
+    if status == "decompressed":
+        return None   # compressed-tensors has dequantised it in place (first forward): a dense bf16 weight now
+    if status != "compressed":
+        raise Unsupported(f"compressed-tensors module in status {status!r} (fake-quantized weights, not a checkpoint)")
+    if scheme.input_activations is not None or scheme.output_activations is not None:
+        raise Unsupported("compressed-tensors activation-quantized scheme (input/output activations quantized): the "
+                          "fused kernels keep activations in bf16, which changes the numerics")
+    a = scheme.weights
+    if a is None:
+        return None
+    kind, bits, strategy = str(getattr(a.type, "value", a.type)), a.num_bits, str(getattr(a.strategy, "value", a.strategy))
+    if a.dynamic:
+        raise Unsupported("compressed-tensors dynamic weight quantization is not a stored format")
+    if kind == "float" and bits == 8:
+        w, s = getattr(m, "weight", None), getattr(m, "weight_scale", None)
+        if w is None or w.dtype != torch.float8_e4m3fn or s is None:
+            raise Unsupported("compressed-tensors FP8 module without an e4m3 `weight` and `weight_scale`")
+        if not a.symmetric:
+            raise Unsupported("compressed-tensors asymmetric FP8 is not implemented")
+        N, K = w.shape
+        if strategy == "channel":
+            return QuantWeight("fp8_channel", w.data, s.data.reshape(N, 1), (N, K))
+        if strategy == "tensor":
+            return QuantWeight("fp8_tensor", w.data, s.data.reshape(1, 1), (N, K))
+        if strategy == "block" and a.block_structure is not None:
+            bn, bk = (int(v) for v in a.block_structure)
+            if any(b < 16 or b & (b - 1) for b in (bn, bk)):
+                raise Unsupported(f"FP8 block structure {a.block_structure}: power-of-two blocks >= 16 only")
+            return QuantWeight("fp8_block", w.data, s.data, (N, K), block=(bn, bk))
+        raise Unsupported(f"compressed-tensors FP8 strategy {strategy!r} is not implemented")
+    if kind == "int" and bits == 4:
+        if strategy != "group":
+            raise Unsupported(f"compressed-tensors int4 strategy {strategy!r} (only group-wise is implemented)")
+        if getattr(a, "actorder", None) not in (None, False) or getattr(m, "weight_g_idx", None) is not None:
+            raise Unsupported("int4 with activation ordering (g_idx) is not implemented")
+        packed, s, shape = (getattr(m, n, None) for n in ("weight_packed", "weight_scale", "weight_shape"))
+        if packed is None or packed.dtype != torch.int32 or s is None:
+            raise Unsupported("compressed-tensors int4 module without pack-quantized `weight_packed` / `weight_scale`")
+        N, K = (int(v) for v in shape.tolist()) if shape is not None else (packed.shape[0], packed.shape[1] * 8)
+        g = int(a.group_size)
+        if g % 16 or K % g:
+            raise Unsupported(f"int4 group size {g} with K={K}: groups must be multiples of 16 dividing K")
+        zp = None
+        if not a.symmetric:
+            z = getattr(m, "weight_zero_point", None)
+            if z is None:
+                raise Unsupported("asymmetric int4 module without `weight_zero_point`")
+            if z.dtype == torch.int32 and tuple(z.shape) == (-(-N // 8), K // g):
+                zp = z.data                                    # the on-disk layout: packed along N
+            elif tuple(z.shape) == (N, K // g) and not z.dtype.is_floating_point:
+                zp = pack_int4(z.data.to(torch.int32) + 8, dim=0)   # unpacked signed zero points (tiny copy)
+            else:
+                raise Unsupported(f"int4 zero points of shape {tuple(z.shape)} / {z.dtype} are not a known layout")
+        return QuantWeight("int4", packed.data, s.data, (N, K), group_size=g, zero_point=zp)
+    raise Unsupported(f"compressed-tensors weights {kind}{bits} ({strategy}) are not implemented "
+                      "(fp8 e4m3 and int4 group-wise are)")
+
+
+def quant_weight(module: nn.Module) -> QuantWeight | None:
+    """The QuantWeight viewing this Linear's quantized tensors in place; None for a dense Linear;
+    Unsupported(reason) for a quantized module the kernels cannot compute exactly."""
+    name = type(module).__name__
+    if name == "FP8Linear":
+        return _fp8_linear(module)
+    if getattr(module, "quantization_scheme", None) is not None:
+        if not isinstance(module, nn.Linear):
+            raise Unsupported(f"compressed-tensors scheme on a {name} (only Linear layers are read)")
+        return _ct_linear(module)
+    if type(module) is nn.Linear:
+        if module.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8):
+            raise Unsupported(f"nn.Linear with a {module.weight.dtype} weight and no known quantization scheme")
+        return None
+    if isinstance(module, nn.Linear) or "Linear" in name or hasattr(module, "qweight"):
+        raise Unsupported(f"{type(module).__module__}.{name}: quantized / custom linear layout not implemented")
+    return None
+
+
+def describe(qw: QuantWeight) -> str:
+    """One line for the patch report."""
+    if qw.format == "fp8_block":
+        return f"fp8 e4m3, {qw.block[0]}x{qw.block[1]} block scales"
+    if qw.format == "fp8_channel":
+        return "fp8 e4m3, per-channel scales"
+    if qw.format == "fp8_tensor":
+        return "fp8 e4m3, per-tensor scale"
+    kind = "symmetric" if qw.zero_point is None else "asymmetric (zero points)"
+    return f"int4, group {qw.group_size}, {kind}, {str(qw.scale.dtype).replace('torch.', '')} scales"
