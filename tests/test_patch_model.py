@@ -119,7 +119,7 @@ def test_split_k_tiles_in_the_decode_step(name, device, monkeypatch):
 
     used = []
 
-    def forced(M, n_out, K, dtype, has_act, dev, path=None, has_norm=False):
+    def forced(M, n_out, K, dtype, has_act, dev, path=None, has_norm=False, *tuning_knobs):
         used.append((n_out, K))
         return dict(path="tc", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=3)
 
