@@ -37,7 +37,7 @@ from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, interpret_mode,
 from .fused_gemv import _ACTS, GemvWorkspace, _check_2d, _split_k, _split_need, fused_gemv_reference
 
 if triton is not None:
-    from ._common import apply_norm, arrive_last, pdl_wait
+    from ._common import apply_norm, arrive_last, pdl_wait, round_to
     from .fused_gemv import _epilogue, _row_rsqrt
 
 FORMATS = ("fp8_block", "fp8_channel", "fp8_tensor", "int4")
@@ -282,7 +282,7 @@ if triton is not None:
                   HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
 
     @triton.jit
-    def _w_tile(w_ptr, s_ptr, z_ptr, cols, k, K, mask_n, stride_s, stride_z, SMODE: tl.constexpr,
+    def _w_tile(w_ptr, s_ptr, z_ptr, cols, k, K, k_hi, mask_n, stride_s, stride_z, SMODE: tl.constexpr,
                 BSN: tl.constexpr, BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_N: tl.constexpr, OP_DT: tl.constexpr, FP8_HW: tl.constexpr):
         """W^T tile (BLOCK_K, BLOCK_N) in the dot dtype (exact: fp8 values / small integers) and its (1, BLOCK_N)
@@ -300,7 +300,7 @@ if triton is not None:
             s = tl.load(s_ptr + c64 * stride_s + gidx, mask=mask_n, other=0.0).to(tl.float32)
         else:
             kk = k + tl.arange(0, BLOCK_K)
-            b = tl.load(w_ptr + c64 * K + kk[:, None], mask=mask_n & (kk < K)[:, None], other=0)
+            b = tl.load(w_ptr + c64 * K + kk[:, None], mask=mask_n & (kk < k_hi)[:, None], other=0)
             w = _fp8_decode(b, FP8_HW).to(OP_DT)
             s = tl.full((1, BLOCK_N), 1.0, tl.float32)
             if SMODE == 2:
@@ -345,14 +345,14 @@ if triton is not None:
             kk = (k0 + tl.arange(0, BLOCK_K))[None, :]
             h = _h_tile(x_rows, nw_ptr, kk, k_hi, mask_m, r, norm_offset, HAS_NORM, NORM_MODE, DT, BF16_FIX)
             h = h.to(OP_DT)
-            wg, sg = _w_tile(w_ptr, s_ptr, z_ptr, cols_g, k0, k_hi, mask_n, stride_s, stride_z, SMODE, BSN, BSK,
+            wg, sg = _w_tile(w_ptr, s_ptr, z_ptr, cols_g, k0, K, k_hi, mask_n, stride_s, stride_z, SMODE, BSN, BSK,
                              ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW)
             if IEEE:
                 acc_g += tl.dot(h, wg, input_precision="ieee") * sg
             else:
                 acc_g += tl.dot(h, wg) * sg
             if ACT != 0:
-                wu, su = _w_tile(w_ptr, s_ptr, z_ptr, cols_u, k0, k_hi, mask_n, stride_s, stride_z, SMODE, BSN,
+                wu, su = _w_tile(w_ptr, s_ptr, z_ptr, cols_u, k0, K, k_hi, mask_n, stride_s, stride_z, SMODE, BSN,
                                  BSK, ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW)
                 if IEEE:
                     acc_u += tl.dot(h, wu, input_precision="ieee") * su
@@ -389,7 +389,7 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_s, stride_z, SMODE: tl.constexpr,
                         BSN: tl.constexpr, BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP8_HW: tl.constexpr):
+                        BLOCK_K: tl.constexpr, FP8_HW: tl.constexpr, BF16_FIX: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
         k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
         mask = (rows < N) & (k < K)
@@ -403,7 +403,8 @@ if triton is not None:
             srow = rows // BSN if SMODE == 2 else rows * SMODE
             scol = k // BSK if SMODE == 2 else k * 0
             w = w * tl.load(s_ptr + srow * stride_s + scol, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r64 * K + k, w.to(out_ptr.dtype.element_ty), mask=mask)
+        ODT = out_ptr.dtype.element_ty
+        tl.store(out_ptr + r64 * K + k, round_to(w, ODT, BF16_FIX).to(ODT), mask=mask)
 
 
 # -------------------------------------------------------------------------------------- heuristics
@@ -567,7 +568,7 @@ def dequantize_into(qw: QuantWeight, out: torch.Tensor, fp8_hw: bool | None = No
     wargs, fflags = _fmt_args(qw)
     bn, bk = 32, 128
     launch(_dequant_kernel, (triton.cdiv(N, bn), triton.cdiv(K, bk)))(
-        *wargs[:3], out, N, K, *wargs[3:], **fflags, BLOCK_N=bn, BLOCK_K=bk,
+        *wargs[:3], out, N, K, *wargs[3:], **fflags, BLOCK_N=bn, BLOCK_K=bk, BF16_FIX=BF16_RNE_FIX,
         FP8_HW=not interpret_mode() if fp8_hw is None else fp8_hw)
     return out
 
