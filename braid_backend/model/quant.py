@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels.quant_gemv import QuantWeight, pack_int4
-from .spec import Unsupported
+from .unsupported import Unsupported
 
 # Loaders we cannot use here, with why (checked with pip on this machine, 2026: torch 2.13 / transformers 5.24).
 REFUSED_METHODS = {

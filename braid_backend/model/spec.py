@@ -14,7 +14,9 @@ from torch import nn
 
 from ..tuning import DEFAULT as DEFAULT_TUNING
 from ..tuning import Tuning
-from .tp import TPComm, TPMismatch, tp_layout
+from .moe import moe_layer_indices, plan_moe
+from .unsupported import Unsupported
+from .tp import TPComm, TPMismatch, has_dtensors, tp_layout
 
 # rope types whose cos/sin depend on the position only, so one precomputed table is exact
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -59,6 +61,10 @@ class FamilySpec:
     # --- rope ---
     rope_per_layer_type: bool = False  # Gemma-3: rotary(x, pos, layer_type), one table per layer type
     nope_layers: bool = False      # SmolLM3: config.no_rope_layers[i] == 0 -> that layer has no RoPE
+    rope_half_table: bool = False  # gpt-oss: the rotary module returns cos/sin of head_dim / 2 (halves rotated)
+    # --- mixture of experts ---
+    moe: bool = False              # the MLP of (some) layers is a sparse MoE block (model/moe.py plans it)
+    attn_sinks: bool = False       # gpt-oss: self_attn.sinks, one extra logit per head in the softmax
     notes: str = ""
 
 
@@ -93,6 +99,21 @@ REGISTRY: list[FamilySpec] = [
                notes="post-norms only; q/k RMSNorm over the whole projection (rmsnorm kernel on the qkv slices)"),
     FamilySpec("smollm3", ("smollm3",), nope_layers=True,
                notes="NoPE layers (no_rope_layers[i] == 0) use an identity rope table (cos 1, sin 0: exact)"),
+    # mixture-of-experts families: attention as their dense relatives, the MLP through kernels/moe.py
+    FamilySpec("qwen3_moe", ("qwen3_moe",), qk_norm="head", moe=True,
+               notes="Qwen3 attention; router softmax -> top-k (renormalised); dense layers off the sparse step"),
+    FamilySpec("qwen2_moe", ("qwen2_moe",), moe=True,
+               notes="qkv bias; shared expert * sigmoid(shared_expert_gate) next to the routed experts"),
+    FamilySpec("mixtral", ("mixtral",), moe=True,
+               notes="top-2 of 8 experts, routing weights in fp32; sliding window in the decode kernel"),
+    FamilySpec("olmoe", ("olmoe",), qk_norm="full", moe=True,
+               notes="pre-norms with q/k RMSNorm over the whole projection (rmsnorm kernel on the qkv slices)"),
+    FamilySpec("gpt_oss", ("gpt_oss",), norm_mode=1, moe=True, attn_sinks=True, rope_half_table=True,
+               notes="attention sinks and alternating sliding-window layers in the decode kernel; router and "
+                     "expert biases, clamped SwiGLU; yarn rope on head halves; the bf16 (dequantised) model "
+                     "only: packed MXFP4 experts are refused"),
+    FamilySpec("granitemoe", ("granitemoe",), mlp="block_sparse_moe", multipliers=True, moe=True,
+               notes="Granite multipliers; router top-k -> softmax; experts * residual multiplier"),
 ]
 
 # Model types that look close to a registry family but are refused as a whole, with the reason.
@@ -101,7 +122,6 @@ REFUSED: dict[str, str] = {
               "Gemma3ForCausalLM (model_type gemma3_text) is fused",
     "olmo": "OLMo-1 uses a non-parametric LayerNorm (mean-centred, no weight), not RMSNorm: no fused norm for it",
     "phi": "Phi-1/1.5/2: LayerNorm with bias, parallel attention+MLP block and an ungated GELU MLP are not fused",
-    "granitemoe": "mixture-of-experts MLP (router + experts) has no fused decode kernel",
 }
 
 
@@ -112,8 +132,6 @@ def find_spec(model_type: str) -> FamilySpec | None:
     return None
 
 
-class Unsupported(Exception):
-    """Raised with the reason a model (or part of it) is left stock."""
 
 
 @dataclass
@@ -133,6 +151,8 @@ class LayerPlan:
     window: int
     softcap: float = 0.0
     rope_key: str | None = None       # key of the rope table (None: the model's single table, "": no rope)
+    moe: object | None = None         # model/moe.py MoEPlan when the MLP is a sparse MoE block (gate_up/down empty)
+    sinks: torch.Tensor | None = None  # gpt-oss attention sinks (n_heads,)
 
     @property
     def q(self) -> nn.Linear:         # the report reads q.bias; for packed weights that is qkv's bias
@@ -262,7 +282,11 @@ def _model_scalars(model, config, spec: FamilySpec, embed: nn.Module) -> dict:
 def _check_model(model, config) -> None:
     if model.training:
         raise Unsupported("model is in training mode (call model.eval() first)")
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+    quantizer = getattr(model, "hf_quantizer", None)
+    qc = getattr(quantizer, "quantization_config", None)
+    if getattr(qc, "quant_method", None) == "mxfp4" and getattr(qc, "dequantize", False):
+        pass   # gpt-oss with its MXFP4 experts dequantised to bf16 at load: plain parameters
+    elif quantizer is not None or getattr(model, "is_quantized", False):
         raise Unsupported("quantized models are not supported")
     devmap = getattr(model, "hf_device_map", None)
     if devmap and len({str(d) for d in devmap.values()}) > 1:
@@ -279,16 +303,21 @@ def _check_model(model, config) -> None:
                           "with the braid cache is untested (use sdpa or eager)")
 
 
-def _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim):
+def _attn_projections(spec, attn, where, n_heads, n_kv, head_dim):
     qkv = tuple(_linear(attn, n, f"{where}.{spec.attn}") for n in spec.proj[:-1])
     o = _linear(attn, spec.proj[-1], f"{where}.{spec.attn}")
-    gate_up = tuple(_linear(mlp, n, f"{where}.{spec.mlp}") for n in spec.mlp_proj[:-1])
-    down = _linear(mlp, spec.mlp_proj[-1], f"{where}.{spec.mlp}")
     sizes = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
     if [m.out_features for m in qkv] != ([sum(sizes)] if len(qkv) == 1 else sizes):
         raise Unsupported(f"{where}: projection sizes do not match heads x head_dim")
     if len({m.bias is None for m in qkv}) > 1:
         raise Unsupported(f"{where}: q/k/v disagree on bias")
+    return qkv, o
+
+
+def _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim):
+    qkv, o = _attn_projections(spec, attn, where, n_heads, n_kv, head_dim)
+    gate_up = tuple(_linear(mlp, n, f"{where}.{spec.mlp}") for n in spec.mlp_proj[:-1])
+    down = _linear(mlp, spec.mlp_proj[-1], f"{where}.{spec.mlp}")
     if len({m.bias is None for m in gate_up}) > 1:
         raise Unsupported(f"{where}: gate/up disagree on bias")
     if len(gate_up) == 1 and gate_up[0].out_features % 2:
@@ -342,12 +371,31 @@ def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
     attn_impl = getattr(config, "_attn_implementation", "sdpa")
     warnings: list[str] = []
     layers = []
+    moe_layers = set(moe_layer_indices(config)) if spec.moe else set()
+    if moe_layers and has_dtensors(model):
+        raise Unsupported("tensor-parallel mixture-of-experts layers are not fused")
+    intermediate = 0
     for i, layer in enumerate(backbone.layers):
         where = f"model.layers.{i}"
         attn, mlp = getattr(layer, spec.attn, None), getattr(layer, spec.mlp, None)
         if attn is None or mlp is None:
             raise Unsupported(f"{where} lacks {spec.attn}/{spec.mlp}")
-        qkv, o, gate_up, down = _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim)
+        moe = None
+        if i in moe_layers:
+            qkv, o = _attn_projections(spec, attn, where, n_heads, n_kv, head_dim)
+            try:
+                moe = plan_moe(mlp, config)
+            except Unsupported as e:
+                raise Unsupported(f"{where}.{spec.mlp}: {e}") from None
+            gate_up, down = (), None
+        else:
+            qkv, o, gate_up, down = _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim)
+            intermediate = gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features
+        sinks = None
+        if spec.attn_sinks:
+            sinks = getattr(attn, "sinks", None)
+            if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (n_heads,):
+                raise Unsupported(f"{where}.{spec.attn}.sinks: expected ({n_heads},) attention sinks")
         qn, kn = _qk_norms(spec, attn, where, n_heads, n_kv, head_dim)
         norms = [_norm(layer, n, hidden, where)
                  for n in (spec.attn_norm, spec.mlp_norm, spec.attn_out_norm, spec.mlp_out_norm)]
@@ -365,8 +413,7 @@ def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
             rope_key = ""
         layers.append(LayerPlan(i, *norms, qkv, o, gate_up, down, qn, kn,
                                 float(getattr(attn, "scaling", head_dim ** -0.5)), _layer_window(config, i),
-                                softcap, rope_key))
-    intermediate = (gate_up[0].out_features // 2 if len(gate_up) == 1 else gate_up[0].out_features)
+                                softcap, rope_key, moe, sinks))
     final_norm = _norm(backbone, "norm", hidden, "model")
     try:
         tp = tp_layout(model, _roles(model, layers, backbone.embed_tokens, final_norm, lm_head), n_heads, n_kv,
@@ -390,7 +437,8 @@ def _roles(model, layers: list[LayerPlan], embed, final_norm, lm_head) -> dict:
         for m in (*lp.qkv, *lp.gate_up):
             roles[names[id(m)]] = ("col", m)
         for m in (lp.o, lp.down):
-            roles[names[id(m)]] = ("row", m)
+            if m is not None:   # a MoE layer has no dense down projection
+                roles[names[id(m)]] = ("row", m)
         for m in (lp.attn_norm, lp.mlp_norm, lp.attn_out_norm, lp.mlp_out_norm, lp.q_norm, lp.k_norm):
             if m is not None:
                 roles[names[id(m)]] = ("replicated", m)

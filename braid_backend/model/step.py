@@ -8,6 +8,7 @@
                 x    = x + a @ Wo^T                  fused_gemv (residual epilogue, in place)
                 h    = act(g) * u, [g|u] = rmsnorm(x) @ Wgu^T   fused_gemv (norm + act epilogue)
                 x    = x + h @ Wd^T                  fused_gemv (residual epilogue, in place)
+      or, MoE:  x    = x + moe(rmsnorm(x))           rmsnorm + moe_decode (router, selected experts, sum)
     logits = rmsnorm(x) @ Wlm^T [/ logits_scaling] [softcap]
 
 Sublayer outputs that need more than `x + y` (Gemma-2/3 and OLMo2 post-norms: x + norm(y); Granite:
@@ -30,6 +31,7 @@ import torch
 from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
 from ..kernels.fused_gemv import fused_gemv, gemv_workspace
+from ..kernels.moe import moe_decode
 from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from ..tuning import DEFAULT as DEFAULT_TUNING
@@ -43,11 +45,11 @@ from .tp import FlagPartials, local
 class FusedLayer:
     w_qkv: torch.Tensor
     b_qkv: torch.Tensor | None
-    w_gu: torch.Tensor
+    w_gu: torch.Tensor | None     # None on a MoE layer (and w_down)
     b_gu: torch.Tensor | None
     w_o: torch.Tensor             # this rank's shard under tensor parallelism (all of it otherwise)
     b_o: torch.Tensor | None
-    w_down: torch.Tensor
+    w_down: torch.Tensor | None
     b_down: torch.Tensor | None
     plan: object  # LayerPlan
     eps_attn: float
@@ -55,6 +57,9 @@ class FusedLayer:
     eps_attn_out: float
     eps_mlp_out: float
     eps_qk: float
+    moe: dict | None = None        # moe_decode's keywords (MoE layer), read off the HF block in place
+    w_sgu: torch.Tensor | None = None    # Qwen2-MoE shared expert: packed gate|up, and down
+    w_sdown: torch.Tensor | None = None
 
 
 def _eps(m) -> float:
@@ -97,6 +102,13 @@ class StepBuffers:
         # scratch for sublayer outputs that are not just added to x (post-norms, residual multiplier,
         # tensor-parallel partial sums)
         self.tmp = torch.zeros(M, p.hidden, dtype=dt, device=dev) if st.needs_tmp else None
+        moe = st.moe_plan
+        if moe is not None:   # the MoE block's input (the post-attention norm) and the op's workspace
+            self.h = torch.zeros(M, p.hidden, dtype=dt, device=dev)
+            self.moe_ws = moe.workspace(M, dev)
+            if st.shared_inter:
+                self.sact = torch.zeros(M, st.shared_inter, dtype=dt, device=dev)
+                self.shared = torch.zeros(M, p.hidden, dtype=dt, device=dev)
         # row-parallel partial sums (None: reduced in place in tmp)
         self.part = tp.partial_buffer((M, p.hidden), dt, dev) if tp is not None else None
         if tp is not None and tp.lm_sharded:
@@ -126,6 +138,8 @@ class StepBuffers:
                  (M, st.w_lm.shape[0], p.hidden, False, True)]
         calls += [c for norm in (False, True)
                   for c in ((M, n_qkv, p.hidden, False, norm), (M, st.intermediate, p.hidden, True, norm))]
+        if moe is not None and st.shared_inter:
+            calls += [(M, st.shared_inter, p.hidden, True, False), (M, p.hidden, st.shared_inter, False, False)]
         self.gemv_ws = gemv_workspace(calls, dt, dev, st.tuning)
 
 
@@ -147,12 +161,23 @@ class DecodeStep:
         self.num_layers, self.head_dim = len(plan.layers), plan.head_dim
         self.num_sms = num_sms(self.device)
         self.layers = []
+        self.moe_plan, self.shared_inter = None, 0   # one MoE layer's plan: sizes the step's MoE buffers
         for lp in plan.layers:
             w_qkv, b_qkv = _packed(lp.qkv)
-            w_gu, b_gu = _packed(lp.gate_up)
-            self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, _w(lp.o), _b(lp.o), _w(lp.down), _b(lp.down),
-                                          lp, _eps(lp.attn_norm), _eps(lp.mlp_norm),
-                                          _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm), _eps(lp.q_norm)))
+            eps = (_eps(lp.attn_norm), _eps(lp.mlp_norm), _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm),
+                   _eps(lp.q_norm))
+            if lp.moe is None:
+                w_gu, b_gu = _packed(lp.gate_up)
+                self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, _w(lp.o), _b(lp.o), _w(lp.down),
+                                              _b(lp.down), lp, *eps))
+                continue
+            mp = self.moe_plan = lp.moe
+            fl = FusedLayer(w_qkv, b_qkv, None, None, _w(lp.o), _b(lp.o), None, None, lp, *eps, moe=mp.op_kwargs())
+            if mp.shared_gate_proj is not None:
+                fl.w_sgu, _ = fuse_linears([mp.shared_gate_proj, mp.shared_up_proj])
+                fl.w_sdown = mp.shared_down_proj.weight
+                self.shared_inter = mp.shared_down_proj.in_features
+            self.layers.append(fl)
         # Granite's residual multiplier needs no scratch on one device (GEMV epilogue), only under TP
         self.needs_tmp = self.tp is not None or any(
             lp.attn_out_norm is not None or lp.mlp_out_norm is not None for lp in plan.layers)
@@ -174,6 +199,8 @@ class DecodeStep:
         # only what fuse_linears packed goes back to separate tensors; pre-packed modules are untouched
         unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
                         for m in group])
+        unfuse_linears([m for fl in self.layers if fl.w_sgu is not None
+                        for m in (fl.plan.moe.shared_gate_proj, fl.plan.moe.shared_up_proj)])
         self.layers.clear()
         self.tables.clear()
 
@@ -183,6 +210,8 @@ class DecodeStep:
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         args = {} if key is None else {"layer_type": key}
         cos, sin = self.plan.rotary(dummy, position_ids=pos, **args)
+        if self.plan.spec.rope_half_table:   # gpt-oss rotates halves with head_dim / 2 angles: rotate_half's layout
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         return cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
 
     def prepare(self, max_len: int) -> None:
@@ -338,12 +367,25 @@ class DecodeStep:
                                  eps=fl.eps_qk, norm_mode=nm, norm_offset=no, rope_dim=cos.shape[1], tuning=t)
             decode_attention(b.q, cache.k[i], cache.v[i], b.kv_lens, cache.valid, scale=lp.scale,
                              out=b.attn, softcap=lp.softcap, window=lp.window, num_splits=b.num_splits,
-                             workspace=b.ws, tuning=t)
+                             workspace=b.ws, sinks=lp.sinks, tuning=t)
             self._sublayer_out(b, b.attn, fl.w_o, fl.b_o, lp.attn_out_norm, fl.eps_attn_out, 0)
+            if fl.moe is not None:
+                self._moe(b, fl, nm, no)
+                continue
             fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
                        norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, tuning=t)
             self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
         return self._head(b)
+
+    def _moe(self, b: StepBuffers, fl: FusedLayer, nm: int, no: float) -> None:
+        """x += MoE(rmsnorm(x)) [* Granite's multiplier], the Qwen2-MoE shared expert computed first."""
+        t = self.tuning
+        rmsnorm(b.x, _w(fl.plan.mlp_norm), eps=fl.eps_mlp, norm_mode=nm, norm_offset=no, out=b.h, tuning=t)
+        shared = None
+        if fl.w_sgu is not None:
+            fused_gemv(b.h, fl.w_sgu, act="silu_mul", out=b.sact, workspace=b.gemv_ws, tuning=t)
+            shared = fused_gemv(b.sact, fl.w_sdown, out=b.shared, workspace=b.gemv_ws, tuning=t)
+        moe_decode(b.h, b.x, **fl.moe, shared_out=shared, out=b.x, workspace=b.moe_ws)
 
     def _head(self, b: StepBuffers) -> torch.Tensor:
         """logits = final norm + lm_head of b.x [/ logits_scaling] [soft-cap], gathered under TP."""
@@ -376,13 +418,21 @@ class DecodeStep:
             bias = " + bias" if fl.b_qkv is not None else ""
             win = f", sliding window {lp.window}" if lp.window else ""
             post = " + post-norm" if lp.attn_out_norm is not None else ""
+            win += " + sinks" if lp.sinks is not None else ""
             rows.append((f"model.layers.{lp.index}." + names(spec.attn_norm, spec.attn, spec.attn_out_norm),
                          f"{pre}qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
                          f"o_proj GEMV{post} + residual"))
             pre = "rmsnorm + " if lp.mlp_norm is not None else ""
             post = " + post-norm" if lp.mlp_out_norm is not None else ""
-            rows.append((f"model.layers.{lp.index}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm),
-                         f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
+            where = f"model.layers.{lp.index}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm)
+            if lp.moe is not None:
+                m = lp.moe
+                shared = "; shared expert GEMVs * sigmoid gate" if fl.w_sgu is not None else ""
+                rows.append((where, f"{pre}router GEMV + top-{m.top_k} of {m.num_experts} ({m.route}) on the device; "
+                                    f"gate_up + {m.act} and down over the selected experts only{shared}; "
+                                    f"weighted sum + residual"))
+                continue
+            rows.append((where, f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
         rows.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
         if self.tp is not None:
             rows.append(("tensor parallelism", self.tp.describe()))
