@@ -41,7 +41,8 @@ import functools
 
 import torch
 
-from ._common import BF16_RNE_FIX, DOT_UPCAST, launch, next_pow2, num_sms, pdl_launch_kwargs, tl, triton
+from ._common import (BF16_RNE_FIX, DEFAULT_TUNING, DOT_UPCAST, Tuning, launch, next_pow2, num_sms,
+                      pdl_launch_kwargs, tl, triton)
 from .moe_route import MAX_ROUTE_SPLIT, ROUTES, moe_route, moe_route_reference
 
 if triton is not None:
@@ -270,8 +271,7 @@ if triton is not None:
 
 
 # -------------------------------------------------------------------------------------- heuristics
-GPU_GEMV_MAX_M = 2   # as fused_gemv: tensor-core tiles from 3 rows on (not yet swept for MoE shapes)
-CPU_GEMV_MAX_M = 8
+CPU_GEMV_MAX_M = 8   # interpreter; on a GPU Tuning.gemv_max_m (as fused_gemv; not yet swept for MoE shapes)
 
 
 def _widest(n_phys: int, items: int, sms: int, widths=(128, 64, 32)) -> int:
@@ -284,12 +284,12 @@ def _widest(n_phys: int, items: int, sms: int, widths=(128, 64, 32)) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def expert_config(kind: str, M: int, N: int, K: int, items: int, dtype: torch.dtype, device: torch.device,
-                  transposed: bool, path: str | None = None) -> dict:
+                  transposed: bool, path: str | None = None, gemv_max_m: int = 2) -> dict:
     """Launch parameters of the gate_up (N = I outputs per half) or down (N = H) kernel from shapes only.
     GPU numbers are first estimates (benchmarks/kernels/bench_moe.py sweeps alternatives)."""
     cpu = device.type == "cpu"
     if path is None:
-        path = "gemv" if M <= (CPU_GEMV_MAX_M if cpu else GPU_GEMV_MAX_M) else "tc"
+        path = "gemv" if M <= (CPU_GEMV_MAX_M if cpu else gemv_max_m) else "tc"
     two = 2 if kind == "gate_up" else 1   # gate_up: two accumulators (or a 2x wide interleaved tile)
     if cpu:   # interpreter: few, big programs
         bm = min(next_pow2(M), 8) if path == "gemv" else max(16, min(next_pow2(M), 64))
@@ -340,9 +340,11 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
                down_bias=None, act: str = "silu_mul", transposed: bool = False, interleaved: bool = False,
                limit: float = 7.0, alpha: float = 1.702, shared_out=None, shared_gate=None,
                res_scale: float | None = None, out=None, workspace: MoEWorkspace | None = None,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None, tuning: Tuning | None = None) -> torch.Tensor:
     """out = [x +] MoE(h); see the module docstring. config: {"path": "gemv"|"tc", "route": {...},
-    "gate_up": {...}, "down": {...}} overrides the launch heuristics (the results do not depend on it)."""
+    "gate_up": {...}, "down": {...}} overrides the launch heuristics; tuning: PDL and gemv_max_m (neither
+    changes the results)."""
+    t = tuning or DEFAULT_TUNING
     if route not in ROUTES or act not in ACTS:
         raise ValueError(f"route must be in {list(ROUTES)} and act in {list(ACTS)}, got {route!r}, {act!r}")
     if h.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
@@ -376,13 +378,13 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
         return out
     config = config or {}
     moe_route(h, router_weight, ws, top_k=top_k, route=route, renorm=renorm, round_weights=round_weights,
-              router_bias=router_bias, shared_gate=shared_gate, config=config.get("route"))
+              router_bias=router_bias, shared_gate=shared_gate, config=config.get("route"), tuning=t)
     items = min(E, M * top_k)
     common = dict(TOPK=top_k, KP=next_pow2(top_k), DOT_UPCAST=DOT_UPCAST, BF16_FIX=BF16_RNE_FIX,
-                  IEEE=DOT_UPCAST or dt == torch.float32, **pdl_launch_kwargs(h.device))
+                  IEEE=DOT_UPCAST or dt == torch.float32, **pdl_launch_kwargs(h.device, t))
     dummy = h   # pointer for disabled operands; never dereferenced (constexpr flags)
 
-    cg = dict(expert_config("gate_up", M, I, H, items, dt, h.device, transposed, config.get("path")))
+    cg = dict(expert_config("gate_up", M, I, H, items, dt, h.device, transposed, config.get("path"), t.gemv_max_m))
     cg.update(config.get("gate_up") or {})
     se, sn, sk = _expert_strides(gate_up, transposed)
     grid = (triton.cdiv(I, cg["BLOCK_N"]), items, triton.cdiv(M, cg["BLOCK_M"]))
@@ -393,7 +395,7 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
         HAS_BIAS=gate_up_bias is not None, TC=cg["path"] == "tc", BLOCK_M=cg["BLOCK_M"], BLOCK_N=cg["BLOCK_N"],
         BLOCK_K=cg["BLOCK_K"], num_warps=cg["num_warps"], num_stages=cg["num_stages"], **common)
 
-    cd = dict(expert_config("down", M, H, I, items, dt, h.device, transposed, config.get("path")))
+    cd = dict(expert_config("down", M, H, I, items, dt, h.device, transposed, config.get("path"), t.gemv_max_m))
     cd.update(config.get("down") or {})
     split = int(cd["SPLIT"])
     if not 1 <= split <= MAX_DOWN_SPLIT:

@@ -155,7 +155,7 @@ def route_config(M: int, E: int, H: int, device: torch.device) -> dict:
 
 
 def moe_route(h, router_weight, ws, *, top_k: int, route: str, renorm: bool, round_weights: bool,
-              router_bias=None, shared_gate=None, config: dict | None = None) -> None:
+              router_bias=None, shared_gate=None, config: dict | None = None, tuning=None) -> None:
     """Fill ws.ids (M, top_k) int32, ws.wts (M, top_k) fp32, ws.elist (E,) int32 and, with shared_gate
     (H,), ws.sg (M,) fp32 for the rows of h (M, H). No sync, no allocation (ws: kernels.moe.MoEWorkspace)."""
     M, H = h.shape
@@ -180,7 +180,7 @@ def moe_route(h, router_weight, ws, *, top_k: int, route: str, renorm: bool, rou
         HAS_SG=shared_gate is not None, TOPK=top_k, KP=next_pow2(top_k), E_PAD=next_pow2(E),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], SPLIT=split,
         FBM=min(next_pow2(M), 16), BF16_FIX=BF16_RNE_FIX, num_warps=cfg["num_warps"],
-        **pdl_launch_kwargs(h.device))
+        **pdl_launch_kwargs(h.device, tuning))
 
 
 # --------------------------------------------------------------------------------------- reference
