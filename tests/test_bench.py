@@ -20,7 +20,7 @@ import torch
 
 from bench_common import ROOT, TINY, VARIANTS, rows_of, run_cli
 
-from braid_backend.bench import child, cli, collect, latency, report, runner
+from braid_backend.bench import child, cli, collect, latency, presets, report, runner
 from braid_backend.bench.prompts import PROMPTS
 from braid_backend.bench.runner import CRASH_LINE, model_facts
 from braid_backend.testing.presets import build_model
@@ -378,8 +378,8 @@ def test_cuda_without_gpu_rejected(capsys):
 def test_cpu_runs_tiny_instead_of_big_preset():
     p = cli.build_parser()
     s, notes = cli.resolve(p.parse_args(["--device", "cpu"]), p)
-    assert s["model"] == "tiny" and s["requested_model"] == "qwen2.5-0.5b"
-    assert any("tiny preset" in n for n in notes)
+    assert s["model"] == "tiny-peaked" and s["requested_model"] == "qwen2.5-0.5b"
+    assert any("tiny-peaked preset" in n for n in notes)
     assert s["new_tokens"] >= 2 and s["batch_sizes"] == [1]
     s, _ = cli.resolve(p.parse_args(["--device", "cpu", "--allow-big-on-cpu", "-m", "llama-3.2-1b"]), p)
     assert s["model"] == "llama-3.2-1b"
@@ -444,3 +444,76 @@ def test_gpu_tiny_end_to_end(tmp_path):
         if i["variant"] in ("braid", "braid-eager"):
             assert i["caches"]["TRITON_CACHE_DIR"]["entries_after"] > 0, i
     assert rc == 0
+
+
+# ------------------------------------------------------------------- what the check columns can tell
+
+def _greedy(model, b, new=8):
+    from braid_backend.testing.numerics import random_tokens
+
+    ids = random_tokens(model.config.vocab_size, b, 8, b, "cpu")   # the bench's prompts: seed 0 + b
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        logits = model(out).logits[:, ids.shape[1] - 1:-1].float()   # the logits each new token was picked from
+    return out[:, ids.shape[1]:], logits
+
+
+def test_tiny_peaked_greedy_tokens_vary_with_clear_margins():
+    """The plain tiny preset repeats one token under greedy decoding (agreement with it is vacuous); the
+    bench's CPU default, tiny-peaked, makes tokens that vary, each far above the runner-up."""
+    plain, _ = _greedy(build_model("tiny"), 1)
+    assert len(set(plain[0].tolist())) == 1
+    for b in (1, 2):
+        tokens, logits = _greedy(presets.build_peaked(torch.bfloat16), b)
+        assert all(len(set(seq)) >= 6 for seq in tokens.tolist()), tokens
+        top2 = logits.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+        assert (margin > 0.5).float().mean() >= 0.75, margin    # bf16 spacing there: 0.03-0.06
+
+
+def _row(variant, err, agree=None, vacuous=None):
+    row = {k: None for k in report.ROW_KEYS}
+    row.update(variant=variant, batch=1, status="ok", notes=[], below_noise=[], greedy_agreement=agree,
+               correctness=err, agreement_vacuous=vacuous)
+    return row
+
+
+def test_fp32_run_says_its_dtype_and_has_no_meaningless_ratio():
+    """An fp32 run: stock fp32 is the fp32 reference (error 0): the header says fp32, not bf16, the braid cell
+    is its own error without 'x-', and a note says why there is no ratio."""
+    rows = [_row("stock", {"stock_err": 0.0, "variant_err": 0.0, "err_ratio": 1.0}),
+            _row("braid", {"stock_err": 0.0, "variant_err": 3.1e-7, "err_ratio": None}, agree=1.0, vacuous=False)]
+    out = report.terminal_table(rows, dtype="fp32")
+    assert "fp32" in out and "bf16" not in out and "x-" not in out and "3.10e-07" in out, out
+    assert any("fp32 run" in n and "no ratio" in n for n in cli.check_notes(rows, "fp32"))
+    bf16 = [_row("braid", {"stock_err": 2e-3, "variant_err": 2.2e-3, "err_ratio": 1.1}, agree=1.0)]
+    out = report.terminal_table(bf16, dtype="bf16")
+    assert "logits err (vs stock bf16)" in out and "(x1.10)" in out and not cli.check_notes(bf16, "bf16")
+    assert "logits err (vs stock fp16)" in report.terminal_table(bf16, dtype="fp16")
+
+
+def test_vacuous_agreement_is_said():
+    rows = [_row("hf-static", None, agree=1.0, vacuous=True), _row("braid", None, agree=1.0, vacuous=False)]
+    lines = report.terminal_table(rows, dtype="bf16").splitlines()
+    assert "vacuous" in next(ln for ln in lines if ln.startswith("hf-static"))
+    assert "vacuous" not in next(ln for ln in lines if ln.startswith("braid"))
+    (note,) = cli.check_notes(rows, "bf16")
+    assert "vacuous for hf-static b=1" in note and "braid b=1" not in note
+
+
+def test_default_cpu_run_fp32_peaked(tmp_path):
+    """A bare CPU run (the tiny-peaked preset) in fp32, end to end: the table's header says fp32, stock's
+    tokens vary, so hf-static's agreement is not vacuous; the results are schema-valid."""
+    rc, out, err = run_cli(["--device", "cpu", "--dtype", "fp32", "--variants", "stock,hf-static", "--new-tokens", "4",
+                            "--reps", "1", "--chat", "none", "--no-bar", "--out-dir", str(tmp_path)])
+    assert rc == 0, err[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert report.validate(doc) == []
+    assert doc["model"]["name"] == "tiny-peaked" and doc["model"]["tied_embeddings"] is False
+    table = out[:out.index("note:")]
+    assert "logits err vs fp32 ref" in table and "bf16" not in table and "x-" not in table, table
+    hf = rows_of(doc, "hf-static")[1]
+    assert hf["agreement_vacuous"] is False and hf["greedy_agreement"] == 1.0 and hf["distinct_tokens"] > 1
+    assert rows_of(doc, "stock")[1]["correctness"]["stock_err"] == 0.0
+    assert any(n.startswith("fp32 run:") for n in doc["notes"])
+    assert "logits err vs fp32 ref" in (tmp_path / "results.md").read_text()

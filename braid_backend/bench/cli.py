@@ -122,16 +122,17 @@ def _variant_list(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..testing.presets import ALL_PRESETS
+    from .presets import known_presets
 
+    presets = known_presets()
     p = argparse.ArgumentParser(
         prog="braid-bench",
         description="A/B benchmark: stock transformers vs HF static cache vs braid_backend.patch(), each variant "
-                    "in its own subprocess. Without a GPU, big presets are replaced by the tiny preset.",
+                    "in its own subprocess. Without a GPU, big presets are replaced by the tiny-peaked preset.",
         epilog="Defaults (GPU / CPU): batch 1,16 / 1; prompt 128 / 8; new tokens 256 / 8; warm-ups 2 / 0; "
                "reps 3 / 3; logits check prompt 64 / 8, steps 16 / 1; chat 512,64 / 512,8.")
     p.add_argument("-m", "--model", default=None,
-                   help=f"preset ({', '.join(ALL_PRESETS)}; real configs, random weights), a local checkpoint "
+                   help=f"preset ({', '.join(presets)}; real configs, random weights), a local checkpoint "
                         "folder or a hub id (org/name). Default qwen2.5-0.5b")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -187,8 +188,10 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
     """Fill device-dependent defaults and check what argparse can't; returns (settings, notes)."""
     import torch
 
-    from ..testing.presets import ALL_PRESETS, PRESETS
+    from ..testing.presets import PRESETS
+    from .presets import BENCH_PRESETS, PEAKED, known_presets
 
+    presets = known_presets()
     notes = []
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,21 +204,21 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
     if s["new_tokens"] < 2:
         parser.error("--new-tokens must be >= 2 (decode time is (generate(N) - generate(1)) / (N - 1))")
     requested = s["model"]
-    if requested in ALL_PRESETS:
+    if requested in presets:
         source = "preset"
     elif os.path.exists(requested):
         source = "path"
     elif HUB_ID.fullmatch(requested):
         source = "hub"
     else:
-        parser.error(f"unknown model {requested!r}: not a preset ({', '.join(ALL_PRESETS)}), "
+        parser.error(f"unknown model {requested!r}: not a preset ({', '.join(presets)}), "
                      "not an existing path, not a hub id (org/name)")
     model = requested
     if args.prompts == "text" and source == "preset":
         parser.error("--prompts text needs a checkpoint with a tokenizer; presets have random weights and no tokenizer")
     if cpu and source == "preset" and requested in PRESETS and not args.allow_big_on_cpu:
-        model = "tiny"
-        notes.append(f"no GPU: running the tiny preset (tiny-qwen2, random weights) instead of {requested} "
+        model = PEAKED
+        notes.append(f"no GPU: running the {PEAKED} preset ({BENCH_PRESETS[PEAKED]}) instead of {requested} "
                      "(pass --allow-big-on-cpu to force it); CPU timings only prove the tool works")
     chat = DEFAULTS["chat"][cpu] if args.chat is None else (None if args.chat == "none" else args.chat)
     if cpu and args.chat is None:
@@ -264,6 +267,21 @@ def _git_commit():
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def check_notes(rows, dtype) -> list[str]:
+    """What the logits and agreement columns cannot tell in this run, said once."""
+    out = []
+    if dtype == "fp32" and any(r.get("correctness") for r in rows):
+        out.append("fp32 run: the stock fp32 model is the fp32 reference itself (its error is 0), so the logits "
+                   "column shows each variant's own relative error against it, with no ratio to stock (the "
+                   "2x-of-stock rule needs a bf16/fp16 run)")
+    vacuous = sorted({f"{r['variant']} b={r['batch']}" for r in rows if r.get("agreement_vacuous")})
+    if vacuous:
+        out.append(f"greedy agreement is vacuous for {', '.join(vacuous)}: stock repeats one token in every "
+                   f"sequence (random weights), so any variant that does the same agrees; the tiny-peaked preset "
+                   "or a real checkpoint gives tokens that vary")
+    return out
 
 
 def _where(batches) -> str:
@@ -385,6 +403,7 @@ def main(argv=None) -> int:
         run_tmp.cleanup()
     add_ratios(rows, copy_bw)
     add_chat_ratios(chat)
+    notes.extend(check_notes(rows, s["dtype"]))
     cold_doc = cold_section(cold, rows, warm_caches, s) if s["cold"] else None
 
     facts = facts_box.get("facts") or {}
@@ -441,7 +460,7 @@ def main(argv=None) -> int:
     say()
     say(f"braid-bench: {doc['model']['name']} {s['dtype']} on {doc['env']['gpu_name'] or 'CPU'}"
         + (f", copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
-    say(report.terminal_table(rows, width=_width(table=True), ascii_only=plain))
+    say(report.terminal_table(rows, width=_width(table=True), ascii_only=plain, dtype=s["dtype"]))
     for title, table in report.latency_tables(doc):
         say()
         say(title)

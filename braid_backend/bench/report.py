@@ -25,6 +25,13 @@ def _x(x):   # a speedup: 2 decimals, or 2 significant digits when that would pr
     return _f(x, "{:.2f}x" if x is None or x >= 0.01 else "{:.2g}x")
 
 
+def err_header(dtype) -> str:
+    """The logits column's title: what the run's error is measured against."""
+    if dtype == "fp32":   # stock fp32 is the fp32 reference itself: its error is 0, a ratio to it means nothing
+        return "logits err vs fp32 ref (= stock: no ratio)"
+    return f"logits err (vs stock {dtype or '?'})"
+
+
 def _err_cell(row):
     c = row.get("correctness")
     if not c:
@@ -33,7 +40,14 @@ def _err_cell(row):
         return "check failed"
     if row["variant"] == "stock":
         return _g(c.get("stock_err"))
+    if not c.get("stock_err"):   # 0: the stock model is the reference (an fp32 run)
+        return _g(c.get("variant_err"))
     return f"{_g(c.get('variant_err'))} vs {_g(c.get('stock_err'))} (x{_f(c.get('err_ratio'))})"
+
+
+def _agree_cell(row):
+    a = _f(row.get("greedy_agreement"), "{:.2f}")
+    return f"{a} (vacuous: stock repeats one token)" if row.get("agreement_vacuous") else a
 
 
 def _variant_cell(row):
@@ -55,8 +69,11 @@ def _noise(row, key, cell):
     return "below noise" if key in (row.get("below_noise") or ()) else cell
 
 
-COLUMNS = ("variant", "batch", "TTFT ms (min-max)", "decode ms/step (min-max)", "tok/s", "x stock", "x hf-static",
-           "% BW limit", "peak MiB", "first-call s", "logits err (vs stock bf16)", "agree", "status")
+def columns(dtype) -> tuple:
+    return ("variant", "batch", "TTFT ms (min-max)", "decode ms/step (min-max)", "tok/s", "x stock", "x hf-static",
+            "% BW limit", "peak MiB", "first-call s", err_header(dtype), "agree", "status")
+
+
 RIGHT = set(range(1, 12))   # numeric columns
 
 
@@ -87,7 +104,7 @@ def table_rows(results):
             _x(r.get("speedup_vs_stock")), _x(r.get("speedup_vs_hf_static")),
             _f(r.get("bw_limit_pct"), "{:.1f}%"), _f(r.get("peak_mem_mib"), "{:.0f}"),
             _noise(r, "first_call_overhead_s", _f(r.get("first_call_overhead_s"), "{:.2f}")),
-            _err_cell(r), _f(r.get("greedy_agreement"), "{:.2f}"), _status_cell(r),
+            _err_cell(r), _agree_cell(r), _status_cell(r),
         ])
     return out
 
@@ -123,9 +140,9 @@ def md_table(tab: Tab) -> list[str]:
             + ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in tab.rows])
 
 
-def terminal_table(results, width: int = 1000, ascii_only: bool = False) -> str:
-    """The batch-sweep results as a console table."""
-    return render_table(Tab(COLUMNS, table_rows(results), RIGHT), width, ascii_only)
+def terminal_table(results, width: int = 1000, ascii_only: bool = False, dtype: str | None = None) -> str:
+    """The batch-sweep results as a console table (dtype: the run's, for the logits column's title)."""
+    return render_table(Tab(columns(dtype), table_rows(results), RIGHT), width, ascii_only)
 
 
 def _item_status(it) -> str:
@@ -244,7 +261,7 @@ def markdown(doc: dict) -> str:
          "first generate(N) minus the median; below noise = the difference was not above the noise (the "
          "spread of the repeats)"),
         "",
-    ] + md_table(Tab(COLUMNS, table_rows(doc["results"]), RIGHT))
+    ] + md_table(Tab(columns(a.get("dtype")), table_rows(doc["results"]), RIGHT))
     for title, tab in latency_tables(doc):
         lines += ["", title, ""] + md_table(tab)
     s = doc.get("samples")

@@ -101,7 +101,7 @@ def setup(spec: dict):
     import torch
 
     from ..testing.numerics import random_tokens
-    from ..testing.presets import load_model
+    from .presets import load_model
 
     variant = spec["variant"]
     torch.set_grad_enabled(False)
@@ -246,6 +246,8 @@ def run_variant(spec: dict, emit: Emitter) -> None:
                                                  f"asked for {(b, spec['new_tokens'])}")
             elif b in ref_tokens and ref_tokens[b].shape == tokens.shape:
                 row["greedy_agreement"] = (ref_tokens[b] == tokens).float().mean().item()
+                # stock repeating one token per sequence: agreeing with it checks next to nothing
+                row["agreement_vacuous"] = all(len(set(seq)) == 1 for seq in ref_tokens[b].tolist())
             if spec.get("tokens_out"):
                 my_tokens[b] = tokens.tolist()
                 with open(spec["tokens_out"], "w") as f:

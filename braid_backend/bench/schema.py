@@ -71,10 +71,13 @@ ROW_PROPERTIES: dict[str, dict] = {
     "notes": _NOTES, "patch": {"type": ["object", "null"]},
 }
 ROW_KEYS = tuple(ROW_PROPERTIES)
+# optional (added within schema 3): true when stock's greedy tokens, the agreement reference, repeat one
+# token in every sequence, so greedy_agreement checks next to nothing
+OPTIONAL_ROW_PROPERTIES = {"agreement_vacuous": {"type": ["boolean", "null"]}}
 ENV_KEYS = ("gpu_name", "driver", "torch", "transformers", "triton", "python", "date", "hostname", "args")
 
 ROW_SCHEMA = {
-    "type": "object", "required": list(ROW_KEYS), "properties": ROW_PROPERTIES,
+    "type": "object", "required": list(ROW_KEYS), "properties": {**ROW_PROPERTIES, **OPTIONAL_ROW_PROPERTIES},
     "allOf": [
         {   # ok: the timings are there; a decode left null must say it was below noise
             "if": {"properties": {"status": {"const": "ok"}}, "required": ["status"]},

@@ -41,9 +41,10 @@ def run_tp(s: dict, world: int, out_dir: str, say) -> int:
     if s["model_source"] == "preset":
         ckpt = os.path.join(out_dir, "checkpoint")
         if not os.path.exists(os.path.join(ckpt, "config.json")):
-            from ..testing.tp_check import DTYPES, save_preset
+            from ..testing.tp_check import DTYPES
+            from .presets import load_model
             say(f"saving preset {s['model']} as a random-weight checkpoint in {ckpt}")
-            save_preset(s["model"], ckpt, dtype=DTYPES[s["dtype"]], device=s["device"])
+            load_model(s["model"], dtype=DTYPES[s["dtype"]], device=s["device"]).save_pretrained(ckpt)
     env = dict(os.environ)
     if s["device"] == "cpu":
         env["TRITON_INTERPRET"] = "1"
