@@ -385,7 +385,7 @@ class DecodeStep:
         if fl.w_sgu is not None:
             fused_gemv(b.h, fl.w_sgu, act="silu_mul", out=b.sact, workspace=b.gemv_ws, tuning=t)
             shared = fused_gemv(b.sact, fl.w_sdown, out=b.shared, workspace=b.gemv_ws, tuning=t)
-        moe_decode(b.h, b.x, **fl.moe, shared_out=shared, out=b.x, workspace=b.moe_ws)
+        moe_decode(b.h, b.x, **fl.moe, shared_out=shared, out=b.x, workspace=b.moe_ws, tuning=t)
 
     def _head(self, b: StepBuffers) -> torch.Tensor:
         """logits = final norm + lm_head of b.x [/ logits_scaling] [soft-cap], gathered under TP."""
