@@ -9,7 +9,7 @@ Shipped by the braid-backend distribution into the `optimum` namespace package, 
 packages, the public names are listed per submodule in `_import_structure` and the submodule is
 imported on first use; here through a module `__getattr__` (PEP 562, as `braid_backend` does) rather
 than transformers' private `_LazyModule`. `import optimum.braid` needs neither the optimum distribution
-nor torch; `pip install "braid-backend[optimum]"` installs optimum next to it.
+nor torch; `pip install -e ".[optimum]"` in a checkout installs optimum next to it.
 
 Side effect while the optimum distribution is absent: this directory makes `find_spec("optimum")`
 succeed, so transformers' `is_optimum_available()` says True; only GPTQ checkpoints care (their load
