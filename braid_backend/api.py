@@ -5,8 +5,7 @@ import logging
 
 import torch
 
-from .hf.forward import PatchedForward
-from .hf.generate import PatchedGenerate
+from .hf.runner import HFRunner, PatchedForward, PatchedGenerate
 from .kernels._common import kernels_usable
 from .model.spec import ModelPlan, Unsupported, plan_model
 from .model.fuse import unfuse_param
@@ -14,7 +13,7 @@ from .model.cupy_step import CupyDecodeStep, cupy_reason
 from .model.step import DecodeStep
 from .model.tp import local
 from .options import PatchOptions
-from .report import PatchReport
+from .report import PatchReport, StepEvents
 from .session import PatchSession, Status
 
 log = logging.getLogger("braid_backend")
@@ -80,11 +79,13 @@ def patch(model, **options) -> PatchReport:
     if cupy_why and opts.backend == "cupy" and opts.strict:
         return _refuse(model, report, f"backend='cupy': {cupy_why}", True)
     views = _packed_views(model)
+    events = StepEvents()   # what the CuPy step records at run time; the session moves it into the report
     try:
         step = (DecodeStep(plan, opts.tuning) if opts.backend == "triton" or cupy_why
-                else CupyDecodeStep(plan, opts.backend, report, opts.tuning))
-        session = PatchSession(model, step, report, opts)
-        _fill_report(report, plan, opts, device)
+                else CupyDecodeStep(plan, opts.backend, events, opts.tuning))
+        session = PatchSession(model, step, report, opts, events)
+        report.patched.extend(step.describe())
+        _report_stock(report, plan, opts, device)
         _report_backend(report, opts.backend, step, cupy_why)
     except Exception as e:  # a bug or an unforeseen module: never leave the weights half-packed
         log.debug("braid: patch failed", exc_info=True)
@@ -94,10 +95,11 @@ def patch(model, **options) -> PatchReport:
         report.family = None
         return _refuse(model, report, f"patching failed and was rolled back ({type(e).__name__}: {e})",
                        opts.strict)
-    # Callables that hold the session, which holds the model only weakly: no reference cycle, so
-    # `del model` frees the weights, the caches and the graph pool at once.
-    model.forward = PatchedForward(session)
-    model.generate = PatchedGenerate(session)
+    # Callables that hold the runner and its session, which holds the model only weakly: no reference
+    # cycle, so `del model` frees the weights, the caches and the graph pool at once.
+    runner = HFRunner(session)
+    model.forward = PatchedForward(runner)
+    model.generate = PatchedGenerate(runner)
     model._braid_session = session
     log.info("braid: patched %s (%s, %d layers)", report.model, plan.spec.family, len(plan.layers))
     return report
@@ -123,38 +125,17 @@ def _rollback(model, views_before: set) -> None:
                 unfuse_param(m, n)
 
 
-def _fill_report(report: PatchReport, plan: ModelPlan, opts: PatchOptions, device) -> None:
-    p, spec = plan, plan.spec
-
-    def names(*parts):  # module names as this family calls them (None: the family has no such norm)
-        return "+".join(n for n in parts if n)
-
-    for lp in p.layers:
-        i = lp.index
-        pre = "rmsnorm + " if spec.attn_norm else ""
-        extra = {"head": " + q/k norm", "full": " + q/k norm (whole projection)"}.get(spec.qk_norm or "", "")
-        bias = " + bias" if lp.q.bias is not None else ""
-        win = f", sliding window {lp.window}" if lp.window else ""
-        post = " + post-norm" if spec.attn_out_norm else ""
-        report.patched.append((f"model.layers.{i}." + names(spec.attn_norm, spec.attn, spec.attn_out_norm),
-                               f"{pre}qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
-                               f"o_proj GEMV{post} + residual"))
-        pre = "rmsnorm + " if spec.mlp_norm else ""
-        post = " + post-norm" if spec.mlp_out_norm else ""
-        report.patched.append((f"model.layers.{i}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm),
-                               f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
-    report.patched.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
+def _report_stock(report: PatchReport, plan: ModelPlan, opts: PatchOptions, device) -> None:
+    """What stays stock (the step's describe() gave what it replaces), and the plan's warnings."""
     report.stock.append(("prefill (more than one new token per sequence)",
                          "stock HF modules (SDPA) writing into the braid static cache"))
     report.stock.append(("model.embed_tokens", "plain index_select (nothing to fuse)"))
-    if p.tp is not None:
-        report.patched.append(("tensor parallelism", p.tp.describe()))
-        if p.tp.note:
-            log.warning("braid: %s", p.tp.note)
-            report.events.append(p.tp.note)
+    if plan.tp is not None and plan.tp.note:
+        log.warning("braid: %s", plan.tp.note)
+        report.events.append(plan.tp.note)
     if not (opts.graphs and device.type == "cuda"):
         report.stock.append(("CUDA graphs", "off" if not opts.graphs else f"device is {device.type}"))
-    for w in p.warnings:   # differences from the family's full math that stock shares (e.g. softcap)
+    for w in plan.warnings:   # differences from the family's full math that stock shares (e.g. softcap)
         log.warning("braid: %s", w)
         report.events.append(w)
 

@@ -4,6 +4,30 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+@dataclass(frozen=True)
+class Route:
+    """Which path one generate() call, decode loop, prefill or forward call took, and why it is not the
+    faster one (hf/routing.py decides; status() shows the last of each). Paths:
+      generate(): "fast" (device-side K-step loop), "hf-loop" (HF's loop, each step the patched forward),
+                  "stock" (the unpatched generate)
+      forward():  "decode-graph" (fused step replayed from a CUDA graph), "decode-fused" (fused step,
+                  no graph), "stock" (the stock HF forward: prefill, or a step the fused kernels cannot serve)
+      prefill:    "prefill-graph" (replayed from a CUDA graph), "prefill-eager" (stock modules, one forward)"""
+    path: str
+    reason: str | None = None   # None: nothing kept this call off its stage's fastest path
+
+    def __str__(self) -> str:
+        return self.path if self.reason is None else f"{self.path} ({self.reason})"
+
+
+@dataclass
+class StepEvents:
+    """What a decode step records while it runs (the CuPy step: per-bucket backend choices and
+    fallbacks); the session moves them into the PatchReport after each call."""
+    events: list[str] = field(default_factory=list)
+    backends: dict = field(default_factory=dict)   # batch bucket -> "cupy" | "triton"
+
+
 @dataclass
 class PatchReport:
     model: str

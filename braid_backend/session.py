@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .options import PatchOptions
-from .report import PatchReport
+from .report import PatchReport, Route, StepEvents
 from .runtime.cache import LEN_ROUND, BraidCache, batch_bucket, round_up
 from .runtime.graphs import GraphKey, GraphRunner
 from .runtime.interface import DecodeStep, StepBuffers
@@ -34,14 +34,38 @@ STAT_KEYS = ("decode_fused", "decode_graph", "prefill_graph", "stock_forward", "
 
 @dataclass
 class Status:
-    """What the session did and is doing, for reports and tests."""
+    """What the session did and is doing (braid_backend.status(model)).
+
+    stats, counters since patch():
+      decode_fused      decode steps the fused kernels ran (one new token per sequence each), whichever loop
+                        ran them: the fast path's device loop (steps whose token generate() returned) or HF's
+                        loop / a caller's own loop through the patched forward
+      decode_graph      of those, the steps replayed from a CUDA graph
+      prefill_graph     prompt prefills replayed from a CUDA graph
+      stock_forward     forward() calls that ran the stock HF forward (prefill, or a step the fused step
+                        cannot serve: see last_forward)
+      generate_fast     generate() calls whose decode loop ran on the device (the fast path)
+      generate_hf_loop  generate() calls whose decode loop was HF's (steps through the patched forward)
+      generate_stock    generate() calls that ran the unpatched generate()
+    """
     graphs: bool                           # CUDA graphs in use (off: asked so, not CUDA, or a capture failed)
-    verified: bool                         # verify=True has run its check (always True without verify)
+    verified: bool | None                  # None: verify=False (not asked); False: not run yet; True: ran
     disabled: str | None = None            # why everything runs stock from now on
-    last_path: str | None = None           # which generate() path ran last
+    last_route: Route | None = None        # the last generate() call's path, set as it starts (see Route)
+    last_error: str | None = None          # what the last generate() call raised (None: it returned)
+    last_prefill: Route | None = None      # the last fast-path prefill's path
+    last_forward: Route | None = None      # the last forward() call's path
     verify_result: dict | None = None
     prefill_graphs: bool = False           # prompt prefill from CUDA graphs (off: asked so, no graphs, capture failed)
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
+
+    @property
+    def last_path(self) -> str | None:
+        """str(last_route): "fast", "hf-loop (why)", "stock (why)"."""
+        return None if self.last_route is None else str(self.last_route)
+
+
+_ROUTE_FIELD = {"generate": "last_route", "prefill": "last_prefill", "forward": "last_forward"}
 
 
 def params_signature(model) -> tuple:
@@ -67,13 +91,14 @@ def _forget_cache(session_ref, serial: int) -> None:
 
 
 class PatchSession:
-    def __init__(self, model, step: DecodeStep, report: PatchReport, options: PatchOptions):
+    def __init__(self, model, step: DecodeStep, report: PatchReport, options: PatchOptions,
+                 step_events: StepEvents | None = None):
         self.serial = next(_SERIALS)
         self._model = weakref.ref(model)
         self.step, self.report, self.options = step, report, options
         self.lock = threading.RLock()
         graphs = options.graphs and step.device.type == "cuda"
-        self.status = Status(graphs=graphs, verified=not options.verify,
+        self.status = Status(graphs=graphs, verified=False if options.verify else None,
                              prefill_graphs=graphs and options.prefill_graphs)
         self.cache: BraidCache | None = None           # the cache generate() reuses from call to call
         self.graphs: GraphRunner | None = None         # created on first use, on CUDA
@@ -82,6 +107,9 @@ class PatchSession:
         self._eager: dict[tuple[int, int], StepBuffers] = {}
         self.eager_only = False                        # verification compares the kernels, not graph capture
         self._warned: set[str] = set()
+        self._logged: set[tuple[str, Route]] = set()
+        # what the step records while it runs (the CuPy step); collect_step_events moves it into the report
+        self.step_events = step_events if step_events is not None else StepEvents()
         self.params_sig = params_signature(model)
         if graphs:   # the first graph capture compiles or loads kernels: start Triton's hash now
             warm_triton_key(options.tuning.precompile)
@@ -99,6 +127,25 @@ class PatchSession:
             self._warned.add(key)
             log.warning(msg)
             self.report.events.append(msg)
+
+    def record(self, stage: str, route: Route) -> None:
+        """Make `route` the last of its stage ("generate", "prefill", "forward") in status; the log gets
+        one line per distinct route of a stage (its first occurrence), not one per call or token."""
+        setattr(self.status, _ROUTE_FIELD[stage], route)
+        key = (stage, route)
+        if key not in self._logged:
+            self._logged.add(key)
+            log.info("braid: %s: %s", stage, route)
+
+    def collect_step_events(self) -> None:
+        """Move what the step recorded while it ran into the report (after each call)."""
+        ev = self.step_events
+        if ev.events:
+            self.report.events.extend(ev.events)
+            ev.events.clear()
+        if ev.backends:
+            self.report.backends.update(ev.backends)
+            ev.backends.clear()
 
     # -- fallbacks -------------------------------------------------------------------------------
     def disable(self, reason: str) -> None:

@@ -45,6 +45,35 @@ def same(a, b) -> bool:
     return a[1].dtype == b[1].dtype and torch.equal(a[1], b[1])
 
 
+def tiny_tokenizer(vocab: int):
+    """A word-level tokenizer over "w0".."w{vocab-1}" (id i is "wi"), built offline, sized to a tiny preset."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+
+
+def tiny_bpe_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer of exactly `vocab` ids (trained on the bench's prompts, then padded with
+    added tokens), built offline: what stop_strings and token healing need (a real subword vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from braid_backend.bench.prompts import PROMPTS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(PROMPTS) * 3, trainer=trainer)
+    tok.add_tokens([f"<x{i}>" for i in range(vocab - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == vocab
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

@@ -3,27 +3,24 @@ its reasons, the fallbacks to Triton (report, log, strict), the CUDA source comp
 nvcc is on PATH), and the torch reference of one layer against the Triton step (so the specification
 the CUDA kernel is tested against on the GPU is right). GPU tests: tests/test_gpu_cupy.py."""
 import logging
-import os
 import shutil
 import subprocess
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-import braid_backend.api as api  # noqa: E402
-from braid_backend import PatchOptions  # noqa: E402
-from braid_backend.kernels import cupy_layer  # noqa: E402
-from braid_backend.kernels.cupy_layer import LayerSpec, kernel_source  # noqa: E402
-from braid_backend.model.cupy_step import CupyDecodeStep, cupy_reason, model_reason  # noqa: E402
-from braid_backend.model.spec import plan_model  # noqa: E402
-from braid_backend.model.step import DecodeStep  # noqa: E402
-from braid_backend.runtime.cache import BraidCache  # noqa: E402
-from braid_backend.runtime.interface import fill_inputs  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import gen, relerr, toks  # noqa: E402
+import braid_backend
+import braid_backend.api as api
+from braid_backend import PatchOptions
+from braid_backend.kernels import cupy_layer
+from braid_backend.kernels.cupy_layer import LayerSpec, kernel_source
+from braid_backend.model.cupy_step import CupyDecodeStep, cupy_reason, model_reason
+from braid_backend.model.spec import plan_model
+from braid_backend.model.step import DecodeStep
+from braid_backend.runtime.cache import BraidCache
+from braid_backend.runtime.interface import fill_inputs
+from braid_backend.testing.presets import build_model
+from helpers import gen, relerr, toks
 
 # tiny configs the kernel takes (head_dim 64: the presets' tiny head_dims 16-32 are refused)
 QWEN2_64 = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=200)
@@ -93,7 +90,7 @@ def test_backend_cupy_without_cupy_runs_triton_with_reason(caplog):
     with caplog.at_level(logging.INFO, logger="braid_backend"):
         rep = braid_backend.patch(model, backend="cupy")
     assert rep.ok and rep.backend == "triton"
-    assert type(model._braid_session.step) is DecodeStep
+    assert type(model._braid_session.step) is DecodeStep   # internals: the step object, not only the report
     why = dict(rep.stock)["CuPy layer kernel"]
     assert why and why in caplog.text and "backend cupy" in caplog.text
     assert any(r.levelno == logging.WARNING and "CuPy layer kernel not used" in r.message for r in caplog.records)
@@ -247,7 +244,7 @@ def test_cupy_step_wiring_end_to_end_with_the_reference_layers(monkeypatch):
     mask[1, :2] = 0
     want = gen(model, ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5)
     rep = braid_backend.patch(model, backend="cupy")
-    step = model._braid_session.step
+    step = model._braid_session.step   # internals: switch the step's layers to the torch reference
     assert type(step) is CupyDecodeStep and rep.backend == "cupy"
     assert any("persistent CuPy kernel" in e for e in rep.events) and "decode layers: cupy" in str(rep)
     step.layer_impl = "reference"

@@ -1,8 +1,5 @@
 """generate() on a patched tiny model vs stock HF: the features users rely on, through the fast loop
 (eager on CPU: the same device-side selection and EOS logic the CUDA graphs capture) and HF's loop."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -11,6 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import braid_backend
 from braid_backend.testing.presets import build_model
+from helpers import tiny_tokenizer
 
 
 class Collect(BaseStreamer):
@@ -129,19 +127,10 @@ def test_generation_config_defaults_and_cache_growth(pair):
         for m in pair:
             m.generation_config.max_new_tokens = None
     # a prompt + generation longer than the shared cache: the cache is re-allocated, output stays exact
-    before = patched._braid_session.cache.max_len
+    before = patched._braid_session.cache.max_len   # internals: the shared cache's size
     long_ids = prompt(1, before + 3, 7)
     a, b, _ = both(pair, long_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b) and patched._braid_session.cache.max_len > before
-
-
-def _tiny_tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
 
 
 def test_text_iterator_streamer_in_a_thread(pair):
@@ -151,7 +140,7 @@ def test_text_iterator_streamer_in_a_thread(pair):
     from transformers import TextIteratorStreamer
 
     stock, patched = pair
-    tokenizer = _tiny_tokenizer(patched.config.vocab_size)
+    tokenizer = tiny_tokenizer(patched.config.vocab_size)
     ids = prompt(1, 5, 9)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     box = {}

@@ -109,7 +109,7 @@ def test_decode_step_has_no_host_sync():
     braid_backend.patch(model, graphs=False)
     ids = random_tokens(model.config.vocab_size, 2, 16, 9, "cuda")
     model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=2)   # compiles the kernels
-    st = model._braid_session
+    st = model._braid_session   # internals: run the step itself under the sync check
     cache = st.cache
     b = st.step.new_buffers(2, cache.max_len)
     b.slots.fill_(cache.max_len - 1)
@@ -128,14 +128,15 @@ def _tf_after_graph_prefill(model, st, ids, cont):
     """Teacher-forced logits (1 + steps, B, V) in fp32: the prompt prefilled by a prefill-graph replay
     (fails if it did not replay), then one fused decode step per continuation token on that cache."""
     from braid_backend.hf.compat import cache_kwarg_name
-    from braid_backend.hf.generate import graph_prefill
 
     B, T = ids.shape
     key = cache_kwarg_name(model)
     cache = st.shared_cache(B, T + cont.shape[1] + 1)   # the cache generate() used (it fits): same graph key
     before = st.status.stats["prefill_graph"]
-    last = graph_prefill(st, model, cache, ids, None, key)
-    assert last is not None and st.status.stats["prefill_graph"] == before + 1, "the prefill did not replay"
+    mask, pos = torch.ones_like(ids), torch.arange(T, device=ids.device).expand(B, T)
+    last = model.generate.runner.prefill(model, cache, ids, mask, pos, key)
+    assert st.status.stats["prefill_graph"] == before + 1, "the prefill did not replay"
+    assert st.status.last_prefill.path == "prefill-graph", st.status.last_prefill
     out = [last.float()]
     for i in range(cont.shape[1]):
         mask = torch.ones(B, T + i + 1, dtype=torch.long, device=ids.device)
@@ -159,7 +160,7 @@ def test_prefill_graph_matches_eager_prefill():
     stock_err0, stock_err = rel_err(stock[0], ref[0]), rel_err(stock, ref)
     tie = 2 * (stock[0] - ref[0]).abs().max().item()    # logits closer than this are a bf16 coin toss
     braid_backend.patch(model)
-    st = model._braid_session
+    st = model._braid_session   # internals: the session's prefill graphs and caches
     firsts = []
     for i in range(3):
         out = _gen(model, ids, max_new_tokens=1)
@@ -176,15 +177,15 @@ def test_prefill_graph_matches_eager_prefill():
     assert g0 <= 2 * stock_err0 and e0 <= 2 * stock_err0 and g <= 2 * stock_err, (g0, e0, g, stock_err0, stock_err)
     # the replay path (input copy, replay, clone, cache bookkeeping) must not sync with the host
     from braid_backend.hf.compat import cache_kwarg_name
-    from braid_backend.hf.generate import graph_prefill
     cache = st.shared_cache(1, T + 2)
+    before = st.status.stats["prefill_graph"]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        last = graph_prefill(st, model, cache, ids, None, cache_kwarg_name(model))
+    try:   # mask None: the one host sync of the eligibility check (mask.all()) is not the replay's
+        last = model.generate.runner.prefill(model, cache, ids, None, None, cache_kwarg_name(model))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert last is not None and cache.seen == T
+    assert last is not None and cache.seen == T and st.status.stats["prefill_graph"] == before + 1
     # full greedy generates: after a graph prefill vs after an eager one (re-patched without prefill graphs)
     n = st.status.stats["prefill_graph"]
     seq_graph = _gen(model, ids, max_new_tokens=48, min_new_tokens=48)
@@ -211,7 +212,7 @@ def test_graphs_survive_a_cache_reallocation_after_a_prefill_graph():
     braid_backend.patch(model, prefill_graphs=False)
     want = _gen(model, short, max_new_tokens=16, min_new_tokens=16)
     braid_backend.patch(model)
-    st = model._braid_session
+    st = model._braid_session   # internals: the session's prefill graphs
     _gen(model, short, max_new_tokens=16, min_new_tokens=16)            # decode graphs, eager prefill
     for _ in range(2):
         _gen(model, short, max_new_tokens=1)                            # captures, replays the 128 bucket
@@ -231,14 +232,14 @@ def test_graphs_survive_a_cache_reallocation_after_a_prefill_graph():
 def test_prefill_graph_capture_failure_falls_back(monkeypatch):
     """A prefill forward that syncs with the host (fine eagerly, an error inside a capture): one warning,
     prefill graphs off for the session, decode graphs still on, every answer equal to the eager one."""
-    import braid_backend.hf.generate as hfgen
+    import braid_backend.hf.runner as hfrun
 
     model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=5)
     ids = random_tokens(model.config.vocab_size, 1, 70, 43, "cuda")
     braid_backend.patch(model, prefill_graphs=False)
     want = _gen(model, ids, max_new_tokens=16, min_new_tokens=16)
-    braid_backend.patch(model)
-    orig = hfgen.prefill_forward
+    report = braid_backend.patch(model)
+    orig = hfrun.prefill_forward
 
     def syncing(model, cache, key):
         f = orig(model, cache, key)
@@ -248,11 +249,11 @@ def test_prefill_graph_capture_failure_falls_back(monkeypatch):
             return f(ids, pos, keep)
         return forward
 
-    monkeypatch.setattr(hfgen, "prefill_forward", syncing)
+    monkeypatch.setattr(hfrun, "prefill_forward", syncing)
     outs = [_gen(model, ids, max_new_tokens=16, min_new_tokens=16) for _ in range(3)]
     st = braid_backend.status(model)
     assert st.prefill_graphs is False and st.graphs and st.stats["prefill_graph"] == 0, st
-    assert any("prefill graph capture failed" in e for e in model._braid_session.report.events)
+    assert any("prefill graph capture failed" in e for e in report.events)
     for o in outs:
         assert torch.equal(o, want)
 
@@ -263,28 +264,28 @@ def test_row_chunked_prefill_matches_one_forward(monkeypatch, caplog):
     GEMM-shape rounding), the same first new token, the cache back at row 0."""
     import logging
 
-    import braid_backend.hf.generate as hfgen
+    import braid_backend.hf.runner as hfrun
 
     model = build_model("qwen2.5-0.5b", dtype=torch.bfloat16, device="cuda", seed=6)
     ids = random_tokens(model.config.vocab_size, 3, 300, 9, "cuda")
     mask = torch.ones_like(ids)
     mask[0, :40] = 0
     mask[2, :7] = 0
-    lasts, orig = [], hfgen.eager_prefill
+    lasts, orig = [], hfrun.eager_prefill
 
     def spy(*a, **kw):
         last = orig(*a, **kw)
         lasts.append(last.float().clone())
         return last
 
-    monkeypatch.setattr(hfgen, "eager_prefill", spy)
+    monkeypatch.setattr(hfrun, "eager_prefill", spy)
     braid_backend.patch(model, prefill_graphs=False)
     whole = _gen(model, ids, mask, max_new_tokens=16, min_new_tokens=16)
-    monkeypatch.setattr(hfgen, "PREFILL_ROW_TOKENS", 300)
+    monkeypatch.setattr(model.generate.runner, "prefill_row_tokens", 300)   # this model's budget
     with caplog.at_level(logging.INFO, logger="braid_backend"):
         rows = _gen(model, ids, mask, max_new_tokens=16, min_new_tokens=16)
     assert any("in 3 row groups of 1 rows" in r.message for r in caplog.records)
-    assert model._braid_session.cache.row0 == 0 and len(lasts) == 2
+    assert model._braid_session.cache.row0 == 0 and len(lasts) == 2   # internals: the cache's row offset
     assert rel_err(lasts[1], lasts[0]) < 1e-2, rel_err(lasts[1], lasts[0])
     # the first new token comes from these logits; random weights may have near-ties, which a 1-ulp
     # difference can flip: rows whose top-2 margin is clear must pick the same token
@@ -302,7 +303,7 @@ def test_tuning_knobs_change_no_logit():
     for tuning in (braid_backend.Tuning(), braid_backend.Tuning(pdl=False, split_k=False, gemv_max_m=3)):
         braid_backend.patch(model, graphs=False, tuning=tuning)
         model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=2)
-        st = model._braid_session
+        st = model._braid_session   # internals: run the step itself
         step, cache = st.step, st.cache
         b = step.new_buffers(3, cache.max_len)
         b.ids.copy_(ids[:, -1])

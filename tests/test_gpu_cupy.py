@@ -187,7 +187,7 @@ def test_patch_backend_cupy_logits_within_2x_of_stock(preset):
             print(f"{preset} graphs={graphs} ctx={ctx}: cupy err {err:.4g} stock {stock:.4g} ratio {err / stock:.3f}")
             if not err <= 2 * stock:
                 failures.append((ctx, graphs, err, stock))
-        step = model._braid_session.step
+        step = model._braid_session.step   # internals: the CuPy step's own failure record
         print(str(rep))
         assert step.failed is None, (step.failed, rep.events)
         assert rep.backends.get(1) == "cupy", (rep.backends, rep.events)

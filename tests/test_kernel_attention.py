@@ -1,12 +1,9 @@
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY  # noqa: E402
-from braid_backend.kernels.decode_attention import (  # noqa: E402
+from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY
+from braid_backend.kernels.decode_attention import (
     MIN_SPLIT_LEN,
     attention_workspace,
     decode_attention,

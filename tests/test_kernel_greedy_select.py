@@ -1,12 +1,9 @@
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY  # noqa: E402
-from braid_backend.kernels.greedy_select import (  # noqa: E402
+from helpers import KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY
+from braid_backend.kernels.greedy_select import (
     BLOCK_V, GreedyWorkspace, greedy_select, greedy_select_reference,
 )
 

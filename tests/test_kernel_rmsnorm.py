@@ -1,13 +1,10 @@
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from helpers import BF16_FLOOR, BF16_RATIO, CAST_MATCH, FP32_TOL, KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY, relerr  # noqa: E402
-from braid_backend.kernels import rmsnorm as rms_mod  # noqa: E402
-from braid_backend.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
+from helpers import BF16_FLOOR, BF16_RATIO, CAST_MATCH, FP32_TOL, KERNEL_DEV, KERNELS_USABLE, KERNELS_WHY, relerr
+from braid_backend.kernels import rmsnorm as rms_mod
+from braid_backend.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 DEV = KERNEL_DEV
 pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")

@@ -2,19 +2,16 @@
 every import points down the layers of DESIGN.md. Plus: `del model` frees a patched model at once."""
 import ast
 import gc
-import os
 import pathlib
 import weakref
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-from braid_backend.hf.compat import cache_kwarg_name, output_cache  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import toks  # noqa: E402
+import braid_backend
+from braid_backend.hf.compat import cache_kwarg_name, output_cache
+from braid_backend.testing.presets import build_model
+from helpers import toks
 
 PKG = pathlib.Path(braid_backend.__file__).parent
 # group -> the groups it may import (besides itself). runtime knows the DecodeStep interface and the
@@ -106,7 +103,7 @@ def find_cycles(graph: dict) -> list:
 def test_import_graph_is_acyclic_and_points_down():
     mods = _modules()
     graph = {m: _imports(m, p, mods) for m, p in mods.items()}
-    assert "braid_backend.hf.verify" in graph["braid_backend.hf.forward"], "the parser must see imports"
+    assert "braid_backend.hf.verify" in graph["braid_backend.hf.runner"], "the parser must see imports"
     assert not upward_imports(graph), f"imports that reach up or sideways a layer: {upward_imports(graph)}"
     assert not find_cycles(graph), f"import cycles: {find_cycles(graph)}"
 
@@ -154,7 +151,7 @@ def test_del_model_frees_everything_without_gc(no_gc):
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=4)
     assert braid_backend.patch(model, graph_steps=2).ok
     _exercise(model)
-    s = model._braid_session
+    s = model._braid_session   # internals: weak references to everything the session holds
     assert s.cache is not None and s.loops and s._eager, "the exercise should allocate every kind of state"
     refs = {"model": model, "session": s, "step": s.step, "cache": s.cache, "packed qkv": s.step.layers[0].w_qkv,
             "loop": next(iter(s.loops.values())), "report": s.report}
@@ -168,7 +165,7 @@ def test_unpatch_frees_the_session_without_gc(no_gc):
     model = build_model("tiny-llama", dtype=torch.float32, seed=5)
     braid_backend.patch(model, graph_steps=2)
     _exercise(model)
-    s = model._braid_session
+    s = model._braid_session   # internals: weak references to what unpatch must free
     refs = [weakref.ref(x) for x in (s, s.step, s.cache, s.step.layers[0].w_qkv)]
     del s
     braid_backend.unpatch(model)

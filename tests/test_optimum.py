@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -222,7 +220,7 @@ def test_gpu_optimum_entry_and_pipeline(tmp_path):
     out = pipeline("text-generation", model=model, tokenizer=_load_tokenizer(tmp_path))(
         prompt, return_full_text=False, **kw)
     st = braid_backend.status(model)
-    assert st.last_path == "fast" and model._braid_session.graphs.captures > 0, st
+    assert st.last_path == "fast" and model._braid_session.graphs.captures > 0, st   # internals: graphs captured
     ids = _load_tokenizer(tmp_path)(prompt, return_tensors="pt")["input_ids"].cuda()
     again = model.generate(ids, pad_token_id=0, **kw)
     new_words = _load_tokenizer(tmp_path).decode(again[0, ids.shape[1]:], skip_special_tokens=True).split()

@@ -1,19 +1,16 @@
 """patch() options: validated up front, re-patching never silently keeps old options, and a fuzz over
 option values and generate() kwargs: every call ends (under a timeout) with stock's outcome."""
 import contextlib
-import os
 import random
 import signal
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-from braid_backend import PatchOptions  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import outcome, same  # noqa: E402
+import braid_backend
+from braid_backend import PatchOptions
+from braid_backend.testing.presets import build_model
+from helpers import outcome, same
 
 CALL_TIMEOUT = 120   # seconds per generate() under the interpreter; a hang fails the test, not CI
 
@@ -58,7 +55,7 @@ def test_repatch_with_other_options_repatches():
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=2)
     r1 = braid_backend.patch(model, graph_steps=2)
     assert braid_backend.patch(model, graph_steps=2) is r1            # same options: same patch
-    s1 = model._braid_session
+    s1 = model._braid_session   # internals: a re-patch makes a new session
     r2 = braid_backend.patch(model, graph_steps=3, fast_generate=False)
     s2 = model._braid_session
     assert r2 is not r1 and s2 is not s1 and s2.options.graph_steps == 3 and not s2.options.fast_generate

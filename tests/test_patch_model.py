@@ -1,7 +1,4 @@
 """Tiny config of each family: patched vs stock, end to end through HF's forward and generate()."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -37,7 +34,7 @@ def test_fp32_logits_and_greedy_match_stock(name, device):
     assert report.ok, str(report)
     assert param_bytes(model) == before, "patching must not grow parameter memory"
     out = teacher_forced_logits(model, prompt, cont)
-    assert braid_backend.status(model).stats["decode_fused"] + braid_backend.status(model).stats["decode_graph"] >= cont.shape[1]
+    assert braid_backend.status(model).stats["decode_fused"] >= cont.shape[1]
     err = rel_err(out, ref)
     assert err < 2e-5, f"{name}: fp32 patched vs stock rel err {err}"
     gen = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -131,7 +128,7 @@ def test_split_k_tiles_in_the_decode_step(name, device, monkeypatch):
     ref = teacher_forced_logits(model, prompt, cont)
     braid_backend.patch(model)
     out = teacher_forced_logits(model, prompt, cont)
-    assert braid_backend.status(model).stats["decode_fused"] + braid_backend.status(model).stats["decode_graph"] >= 4
+    assert braid_backend.status(model).stats["decode_fused"] >= 4
     assert len({n for n, _ in used}) >= 4, used   # qkv, o_proj/down (hidden), gate_up, lm_head
     assert sum(len(g) == 3 and g[2] == 3 for g in grids) >= 5 * model.config.num_hidden_layers, "K not split"
     err = rel_err(out, ref)

@@ -13,10 +13,8 @@ import threading
 import time
 import types
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402

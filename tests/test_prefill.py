@@ -3,22 +3,20 @@ body a graph captures, run eagerly, must give the unpadded stock prefill's last 
 contents; ineligible calls must fall back to the eager prefill; a failed capture must turn the
 feature off and still answer right. The real capture/replay is in tests/test_gpu.py."""
 import copy
-import os
 from types import SimpleNamespace
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-import braid_backend.hf.generate as hfgen  # noqa: E402
-from braid_backend import PatchOptions  # noqa: E402
-from braid_backend.hf.compat import cache_kwarg_name  # noqa: E402
-from braid_backend.runtime.prefill import (PrefillGraphs, PrefillInputs, _Captured, finish_prefill,  # noqa: E402
+import braid_backend
+import braid_backend.hf.routing as routing
+import braid_backend.hf.runner as hfrun
+from braid_backend import PatchOptions
+from braid_backend.hf.compat import cache_kwarg_name
+from braid_backend.runtime.prefill import (PrefillGraphs, PrefillInputs, _Captured, finish_prefill,
                                            padded_prefill, prefill_bucket)
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import gen, rel_err, toks  # noqa: E402
+from braid_backend.testing.presets import build_model
+from helpers import gen, rel_err, toks
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gemma2"]   # plain, qkv bias, sliding window 4 + soft-caps (eager attn)
 
@@ -50,7 +48,7 @@ def _padded(model, cache, ids):
     B, T = ids.shape
     inp = PrefillInputs.new(B, prefill_bucket(T), ids.device)
     inp.fill(ids)
-    logits = padded_prefill(hfgen.prefill_forward(model, cache, cache_kwarg_name(model)), cache, inp)
+    logits = padded_prefill(hfrun.prefill_forward(model, cache, cache_kwarg_name(model)), cache, inp)
     finish_prefill(cache, B, T)
     return logits.clone()
 
@@ -80,7 +78,7 @@ def _decode(model, cache, cont, T):
 def test_padded_prefill_equals_stock_fp32(family, T):
     model = build_model(family, dtype=torch.float32, seed=5)
     assert braid_backend.patch(model).ok
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     B = 2
     ids, cont = toks(model, B, T, 40 + T), toks(model, B, 2, 41)
     c_ref, c_pad = s.new_cache(B, 256), _poisoned_cache(s, B, 256)
@@ -107,7 +105,7 @@ def test_padded_prefill_bf16_within_2x_of_stock(family):
     ref = ref_model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
     stock = rel_err(model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float(), ref)
     assert braid_backend.patch(model).ok
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     c_ref, c_pad = s.new_cache(B, 256), _poisoned_cache(s, B, 256)
     eager = _stock_prefill(model, c_ref, ids).float()
     got = _padded(model, c_pad, ids).float()
@@ -129,11 +127,12 @@ def _forced_on(s):
 def test_eligibility_reasons():
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=7)
     braid_backend.patch(model)
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     cache = s.new_cache(2, 256)
     ids = toks(model, 2, 20, 8)
     ones = torch.ones_like(ids)
-    reason = hfgen.prefill_graph_reason
+    def reason(*a):
+        return routing.prefill_route(*a).reason
     assert reason(s, cache, ids, ones) == "prefill graphs off"       # CPU: no graphs
     _forced_on(s)
     assert reason(s, cache, ids, ones) == "inputs on cpu"            # every other check passed
@@ -199,9 +198,13 @@ def cache_vocab(forward, cache, inp):
 
 def _eligible_on_cpu(monkeypatch, s):
     _forced_on(s)
-    orig = hfgen.prefill_graph_reason
-    monkeypatch.setattr(hfgen, "prefill_graph_reason",
-                        lambda *a: (lambda why: None if why == "inputs on cpu" else why)(orig(*a)))
+    orig = routing.prefill_route
+
+    def eligible(*a):   # every check but the device's
+        r = orig(*a)
+        return routing.route(routing.PREFILL_GRAPH) if r.reason == "inputs on cpu" else r
+
+    monkeypatch.setattr(hfrun, "prefill_route", eligible)
 
 
 @torch.no_grad()
@@ -212,16 +215,18 @@ def test_graph_flow_with_a_fake_graph(monkeypatch):
     ids = toks(model, 1, 21, 13)
     want1, want5 = gen(model, ids, max_new_tokens=1), gen(model, ids, max_new_tokens=5)
     braid_backend.patch(model, graph_steps=2)
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     _eligible_on_cpu(monkeypatch, s)
     s.status.graphs = True
     monkeypatch.setattr(s, "graphs_active", lambda: True)
     monkeypatch.setattr(s, "fast_loop", _eager_fast_loop(s))
     monkeypatch.setattr(PrefillGraphs, "_capture", _fake_capture)
-    stats = s.status.stats
+    st = braid_backend.status(model)
+    stats = st.stats
     for i, want_graph in enumerate([0, 1, 2]):
         assert torch.equal(gen(model, ids, max_new_tokens=1), want1)
         assert stats["prefill_graph"] == want_graph, i
+        assert st.last_prefill.path == ("prefill-graph" if want_graph else "prefill-eager"), (i, st.last_prefill)
     assert torch.equal(gen(model, ids, max_new_tokens=5), want5) and stats["prefill_graph"] == 3
     assert s.prefill.captures == 1
     # a left-padded batch: eager prefill, right answer
@@ -231,13 +236,14 @@ def test_graph_flow_with_a_fake_graph(monkeypatch):
     braid_backend.unpatch(model)
     want_pad = gen(model, ids2, attention_mask=mask, max_new_tokens=3)
     braid_backend.patch(model, graph_steps=2)
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     _eligible_on_cpu(monkeypatch, s)
     monkeypatch.setattr(s, "graphs_active", lambda: True)
     monkeypatch.setattr(s, "fast_loop", _eager_fast_loop(s))
     for _ in range(2):
         assert torch.equal(gen(model, ids2, attention_mask=mask, max_new_tokens=3), want_pad)
-    assert s.status.stats["prefill_graph"] == 0
+    st = braid_backend.status(model)
+    assert st.stats["prefill_graph"] == 0 and str(st.last_prefill) == "prefill-eager (attention mask has padding)"
 
 
 def _eager_fast_loop(s):
@@ -254,8 +260,8 @@ def test_failed_capture_turns_prefill_graphs_off(monkeypatch, caplog):
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=15)
     ids = toks(model, 1, 30, 16)
     want = gen(model, ids, max_new_tokens=2)
-    braid_backend.patch(model, graph_steps=1)
-    s = model._braid_session
+    report = braid_backend.patch(model, graph_steps=1)
+    s = model._braid_session   # internals: its caches and prefill graphs
     _eligible_on_cpu(monkeypatch, s)
     monkeypatch.setattr(s, "graphs_active", lambda: True)
     monkeypatch.setattr(s, "fast_loop", _eager_fast_loop(s))
@@ -266,9 +272,11 @@ def test_failed_capture_turns_prefill_graphs_off(monkeypatch, caplog):
         for _ in range(3):
             assert torch.equal(gen(model, ids, max_new_tokens=2), want)
     assert calls == [1], "one capture attempt, then the feature is off"
-    assert s.status.prefill_graphs is False and s.prefill is None and s.status.stats["prefill_graph"] == 0
+    st = braid_backend.status(model)
+    assert st.prefill_graphs is False and s.prefill is None and st.stats["prefill_graph"] == 0
+    assert st.last_prefill.path == "prefill-eager"
     assert sum("prefill graph capture failed" in r.message for r in caplog.records) == 1
-    assert any("capture exploded" in e for e in s.report.events)
+    assert any("capture exploded" in e for e in report.events)
 
 
 def test_run_resets_the_cache_when_the_capture_raises():
@@ -276,12 +284,12 @@ def test_run_resets_the_cache_when_the_capture_raises():
     CUDA on this machine) reports through on_failure and leaves the cache empty for the eager prefill."""
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=17)
     braid_backend.patch(model)
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     cache = s.new_cache(1, 256)
     ids = toks(model, 1, 10, 18)
     seen = []
     pg = PrefillGraphs(on_failure=seen.append)
-    fwd = hfgen.prefill_forward(model, cache, cache_kwarg_name(model))
+    fwd = hfrun.prefill_forward(model, cache, cache_kwarg_name(model))
     with torch.no_grad():
         assert pg.run(cache, ids, fwd) is None and not seen
         if torch.cuda.is_available():
@@ -342,22 +350,22 @@ def test_prefill_cap_follows_the_mask(family, sliding, cap):
     model = build_model(family, dtype=torch.float32, seed=2)
     if sliding:
         model.config.use_sliding_window, model.config.sliding_window = True, 8
-    assert (hfgen.maskless_reason(model) is None) == (cap == 8192), hfgen.maskless_reason(model)
-    assert hfgen.prefill_token_cap(model) == cap
+    assert (routing.maskless_reason(model) is None) == (cap == 8192), routing.maskless_reason(model)
+    assert routing.prefill_token_cap(model) == cap
     braid_backend.patch(model)
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     _forced_on(s)
     cache = s.new_cache(2, 256)
     ids = toks(model, 2, 20, 8)
     assert s.prefill is None
-    hfgen.prefill_graph_reason(s, cache, ids, None)   # what creates the session's prefill graphs
+    routing.prefill_route(s, cache, ids, None)   # what creates the session's prefill graphs
     assert s.prefill.token_cap == cap
     why = s.prefill.reason(SimpleNamespace(seen=0, batch_capacity=1, max_len=16384), 1, 8192)
     assert why == (None if cap == 8192 else "1 x 8192 padded tokens above the prefill graph cap 4096")
 
 
 def test_maskless_prefill_eligibility():
-    from braid_backend.hf.causal_mask import maskless_reason
+    from braid_backend.hf.routing import maskless_reason
 
     for fam in ("tiny-llama", "tiny-qwen2"):
         m = build_model(fam, dtype=torch.float32, seed=1)
@@ -380,7 +388,7 @@ def test_captured_prefill_gets_no_mask(monkeypatch):
 
     model = build_model("tiny-llama", dtype=torch.float32, seed=5)
     assert braid_backend.patch(model).ok
-    s = model._braid_session
+    s = model._braid_session   # internals: its caches and prefill graphs
     ids = toks(model, 2, 40, 3)
     want = _stock_prefill(model, s.new_cache(2, 256), ids)
     seen = []

@@ -3,19 +3,16 @@ of rows at a time, each group writing its rows of the braid cache (BraidCache.ro
 in fp32 with a small budget: the same tokens and the same cache contents as one whole-batch forward,
 and the cache's row offset and length right afterwards, also when a group raises."""
 import logging
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-import braid_backend.hf.generate as hfgen  # noqa: E402
-from braid_backend.hf.compat import cache_kwarg_name  # noqa: E402
-from braid_backend.runtime.cache import BraidCache, CacheTooSmall  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import gen, rel_err, toks  # noqa: E402
+import braid_backend
+import braid_backend.hf.runner as hfrun
+from braid_backend.hf.compat import cache_kwarg_name
+from braid_backend.runtime.cache import BraidCache, CacheTooSmall
+from braid_backend.testing.presets import build_model
+from helpers import gen, rel_err, toks
 
 B, T, NEW = 3, 12, 4
 
@@ -32,17 +29,17 @@ def _spy_prefill(monkeypatch, s):
     """Records, right after each eager prefill, the cache's length and row offset and a copy of what
     the prompt's rows hold (k/v of every layer, valid)."""
     got = []
-    orig = hfgen.eager_prefill
+    orig = hfrun.eager_prefill
 
-    def spy(model, cache, input_ids, mask, pos, key):
-        last = orig(model, cache, input_ids, mask, pos, key)
+    def spy(model, cache, input_ids, mask, pos, key, row_tokens):
+        last = orig(model, cache, input_ids, mask, pos, key, row_tokens)
         n = input_ids.shape[0]
         got.append(dict(seen=cache.seen, row0=cache.row0, last=last.clone(),
                         k=[k[:n, :, :T].clone() for k in cache.k], v=[v[:n, :, :T].clone() for v in cache.v],
                         valid=cache.valid[:n, :T].clone()))
         return last
 
-    monkeypatch.setattr(hfgen, "eager_prefill", spy)
+    monkeypatch.setattr(hfrun, "eager_prefill", spy)
     return got
 
 
@@ -60,7 +57,7 @@ def test_row_groups_equal_one_forward_fp32(monkeypatch, caplog, family):
     ids, mask = _prompt(model)
     stock = gen(model, ids, attention_mask=mask, max_new_tokens=NEW)
     assert braid_backend.patch(model, graph_steps=2).ok
-    s = model._braid_session
+    s = model._braid_session   # internals: the shared cache the prefill writes
     got = _spy_prefill(monkeypatch, s)
     with caplog.at_level(logging.INFO, logger="braid_backend"):
         want = gen(model, ids, attention_mask=mask, max_new_tokens=NEW)
@@ -71,7 +68,7 @@ def test_row_groups_equal_one_forward_fp32(monkeypatch, caplog, family):
     assert torch.equal(ref["valid"], mask.to(torch.int8))
     # rows of 1 (3 groups), of 2 (2 + 1), and B * T exactly at the budget (one forward)
     for budget, groups, rows in ((T, 3, 1), (2 * T + 5, 2, 2), (B * T, None, None)):
-        monkeypatch.setattr(hfgen, "PREFILL_ROW_TOKENS", budget)
+        monkeypatch.setattr(model.generate.runner, "prefill_row_tokens", budget)   # this model's budget
         _poison(s.cache)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="braid_backend"):
@@ -101,8 +98,8 @@ def test_a_group_that_raises_leaves_the_cache_empty_and_at_row_0(monkeypatch):
     ids, mask = _prompt(model)
     assert braid_backend.patch(model, graph_steps=2).ok
     want = gen(model, ids, attention_mask=mask, max_new_tokens=NEW)
-    s = model._braid_session
-    monkeypatch.setattr(hfgen, "PREFILL_ROW_TOKENS", T)
+    s = model._braid_session   # internals: the shared cache's rows and length
+    monkeypatch.setattr(model.generate.runner, "prefill_row_tokens", T)
     patched = model.forward
     calls = []
 
@@ -159,7 +156,7 @@ def test_cache_rows_offsets_update_and_valid():
 def test_patched_forward_checks_the_group_against_the_capacity():
     model = build_model("tiny-llama", dtype=torch.float32, seed=5)
     assert braid_backend.patch(model).ok
-    s = model._braid_session
+    s = model._braid_session   # internals: a cache of the session's own
     cache = s.new_cache(2, 64)                     # capacity 2
     ids = toks(model, 2, 6, 6)
     key = cache_kwarg_name(model)

@@ -11,18 +11,15 @@ import logging
 import os
 import threading
 
-if not os.environ.get("BRAID_GPU_TESTS"):   # on the GPU machine the kernels must not be interpreted
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import braid_backend  # noqa: E402
-from braid_backend import BraidUnsupportedError  # noqa: E402
-from braid_backend.testing.numerics import fp32_reference_logits, rel_err, teacher_forced_logits  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
-from helpers import gen, outcome, same, toks  # noqa: E402
+import braid_backend
+from braid_backend import BraidUnsupportedError
+from braid_backend.testing.numerics import fp32_reference_logits, rel_err, teacher_forced_logits
+from braid_backend.testing.presets import build_model
+from helpers import gen, outcome, same, toks
 
 ON_GPU = bool(os.environ.get("BRAID_GPU_TESTS")) and torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(ON_GPU, reason="CPU-side simulation (interpreter / fake graph runner)")
@@ -37,7 +34,7 @@ def assert_unpatched(model, st=None):
 
 
 def unpatch_and_check(model, ref_fn, ref):
-    st = getattr(model, "_braid_session", None)
+    st = getattr(model, "_braid_session", None)   # internals: unpatch must free what the session held
     braid_backend.unpatch(model)
     assert_unpatched(model, st)
     assert torch.equal(ref_fn(), ref), "unpatch must restore stock output bit for bit"
@@ -135,8 +132,8 @@ def test_failure_while_patching_rolls_back(monkeypatch, device):
     real = api.DecodeStep
 
     class Exploding(real):
-        def __init__(self, plan):
-            super().__init__(plan)   # packs q|k|v and gate|up of every layer
+        def __init__(self, plan, tuning=None):
+            super().__init__(plan, tuning)   # packs q|k|v and gate|up of every layer
             raise RuntimeError("injected fault after packing")
 
     monkeypatch.setattr(api, "DecodeStep", Exploding)
@@ -179,8 +176,8 @@ def test_half_dtypes_within_2x_of_stock_and_verify_passes(dtype, device):
     braid_backend.patch(model, verify=True)
     err = rel_err(teacher_forced_logits(model, prompt, cont), ref32)
     assert err <= 2 * rel_err(stock, ref32) + 1e-4, (err, rel_err(stock, ref32))
-    st = model._braid_session
-    assert st.status.verify_result["ok"] and not st.disabled, st.status.verify_result
+    st = braid_backend.status(model)
+    assert st.verified is True and st.verify_result["ok"] and st.disabled is None, st.verify_result
     unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont), stock)
 
 
@@ -283,6 +280,7 @@ def test_bad_and_edge_generate_inputs_behave_like_stock(monkeypatch, device):
     ids = toks(model, 3, 4, 128, d)
     if not torch.equal(gen(model, ids, max_new_tokens=3), gen(stock, ids, max_new_tokens=3)):
         failures.append(("batch 3 > largest bucket 2", None, None))
+    # internals: the loop of bucket 4 serves batch 3 (no public view of the loops)
     assert any(k.bucket == 4 for k in model._braid_session.loops) and braid_backend.status(model).last_path == "fast"
     assert not failures, failures
     # after all of that the state still gives stock's tokens
@@ -306,7 +304,7 @@ def test_two_patched_models_interleaved(device):
     assert rel_err(teacher_forced_logits(a, pa, ca), ref_tf) < 2e-5
     assert torch.equal(gen(b, pb, max_new_tokens=4), ref_b)
     assert torch.equal(gen(a, pa, max_new_tokens=3), ref_a)
-    assert a._braid_session.cache is not b._braid_session.cache
+    assert a._braid_session.cache is not b._braid_session.cache   # internals: each session its own cache
     unpatch_and_check(a, lambda: gen(a, pa, max_new_tokens=3), ref_a)
     assert torch.equal(gen(b, pb, max_new_tokens=4), ref_b), "unpatching one model must not touch the other"
     unpatch_and_check(b, lambda: gen(b, pb, max_new_tokens=4), ref_b)
@@ -375,16 +373,17 @@ def test_graph_capture_failure_in_decode_step_falls_back(monkeypatch, caplog):
     eager = teacher_forced_logits(model, prompt, cont)
     braid_backend.unpatch(model)
     calls = _fake_graph_runner(monkeypatch, torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"))
-    braid_backend.patch(model)
-    st = model._braid_session
+    report = braid_backend.patch(model)
+    st = model._braid_session   # internals: pretend graphs are on (CPU), then check the runner is gone
     st.status.graphs = True
     with caplog.at_level(logging.WARNING, logger="braid_backend"):
         out = teacher_forced_logits(model, prompt, cont)
     assert len(calls) == 1, "one failed capture, then no more attempts"
     assert torch.equal(out, eager) and rel_err(out, ref) < 2e-5
-    assert st.status.graphs is False and st.graphs is None and st.status.stats["decode_graph"] == 0
-    assert st.status.stats["decode_fused"] == cont.shape[1]
-    assert any("graph capture failed" in e and "OutOfMemoryError" in e for e in st.report.events)
+    status = braid_backend.status(model)
+    assert status.graphs is False and st.graphs is None and status.stats["decode_graph"] == 0
+    assert status.stats["decode_fused"] == cont.shape[1] and status.last_forward.path == "decode-fused"
+    assert any("graph capture failed" in e and "OutOfMemoryError" in e for e in report.events)
     assert any("graph capture failed" in r.getMessage() for r in caplog.records)
     unpatch_and_check(model, lambda: teacher_forced_logits(model, prompt, cont), ref)
 
@@ -393,9 +392,9 @@ def test_graph_capture_failure_in_decode_step_falls_back(monkeypatch, caplog):
 def test_graph_capture_failure_in_fast_loop_retries_eagerly(monkeypatch):
     """Fast path: the K-step graph is captured after the prefill; a capture failure there makes
     generate() redo the call without graphs, with the RNG as it was (seeded sampling unchanged).
-    Simulated: the first fast_decode call attempts a capture (raising) where FastLoop would."""
-    import braid_backend.hf.generate as hfgen
+    Simulated: the first decode() call attempts a capture (raising) where FastLoop would."""
     from braid_backend.hf.compat import cache_kwarg_name
+    from braid_backend.hf.runner import HFRunner
     from braid_backend.runtime.graphs import GraphKey
 
     model = build_model("tiny-qwen2", dtype=torch.float32, seed=17)
@@ -408,25 +407,25 @@ def test_graph_capture_failure_in_fast_loop_retries_eagerly(monkeypatch):
     braid_backend.unpatch(model)
 
     calls = _fake_graph_runner(monkeypatch, RuntimeError("operation not permitted when stream is capturing"))
-    real = hfgen.fast_decode
+    real = HFRunner.decode
 
-    def fast_decode(s, model_self, input_ids, **kw):
+    def decode(runner, model_self, input_ids, **kw):
         if not calls:
             cache = kw[cache_kwarg_name(model_self)]
             model_self(input_ids=input_ids, use_cache=True, **{cache_kwarg_name(model_self): cache})  # prefill
-            s.graph_runner().capture(GraphKey.of(1, cache, "fast"), cache, None)
-        return real(s, model_self, input_ids, **kw)
+            runner.session.graph_runner().capture(GraphKey.of(1, cache, "fast"), cache, None)
+        return real(runner, model_self, input_ids, **kw)
 
-    monkeypatch.setattr(hfgen, "fast_decode", fast_decode)
-    braid_backend.patch(model, graph_steps=2)
-    st = model._braid_session
-    st.status.graphs = True
+    monkeypatch.setattr(HFRunner, "decode", decode)
+    report = braid_backend.patch(model, graph_steps=2)
+    model._braid_session.status.graphs = True   # internals: pretend graphs are on (CPU)
     torch.manual_seed(5)
     out = gen(model, ids, **sample)
-    assert len(calls) == 1 and st.status.graphs is False
-    assert any("graph capture failed" in e for e in st.report.events)
+    st = braid_backend.status(model)
+    assert len(calls) == 1 and st.graphs is False
+    assert any("graph capture failed" in e for e in report.events)
     assert torch.equal(out, sample_ref), "the retry must draw what a clean call draws"
-    assert torch.equal(gen(model, ids, max_new_tokens=4), greedy_ref) and st.status.last_path == "fast"
+    assert torch.equal(gen(model, ids, max_new_tokens=4), greedy_ref) and st.last_path == "fast"
     unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=4), greedy_ref)
 
 
@@ -434,16 +433,16 @@ def test_verify_passes_on_a_healthy_model(device):
     model = build_model("tiny-llama", dtype=torch.float32, device=device, seed=18)
     ids = toks(model, 2, 6, 181, device)
     ref = gen(model, ids, max_new_tokens=3)
-    braid_backend.patch(model, verify=True, graph_steps=2)
-    st = model._braid_session
-    assert st.status.verify_result is None, "verification runs on first use, not in patch()"
+    report = braid_backend.patch(model, verify=True, graph_steps=2)
+    st = braid_backend.status(model)
+    assert st.verify_result is None and st.verified is False, "verification runs on first use, not in patch()"
     with pytest.raises(IndexError):   # a bad first call fails like stock and does not count as a check
         gen(model, torch.tensor([[5, 1000]], device=device), max_new_tokens=2)
-    assert not st.status.verified and not st.disabled
+    assert st.verified is False and st.disabled is None and st.last_error.startswith("IndexError")
     assert torch.equal(gen(model, ids, max_new_tokens=3), ref)
-    res = st.status.verify_result
-    assert res["ok"] and res["max_err"] < 1e-5 and len(res["errs"]) == 4, res
-    assert st.status.last_path == "fast" and any("verify passed" in e for e in st.report.events)
+    res = st.verify_result
+    assert st.verified is True and res["ok"] and res["max_err"] < 1e-5 and len(res["errs"]) == 4, res
+    assert st.last_path == "fast" and any("verify passed" in e for e in report.events)
     unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=3), ref)
 
 
@@ -462,16 +461,16 @@ def test_verify_failure_falls_back_to_stock(monkeypatch, caplog, device):
 
     monkeypatch.setattr(dec, "fused_gemv", broken)
     braid_backend.patch(model, verify=True, graph_steps=2)
-    st = model._braid_session
+    st = braid_backend.status(model)
     with caplog.at_level(logging.WARNING, logger="braid_backend"):
         out = gen(model, ids, max_new_tokens=4)
-    assert not st.status.verify_result["ok"] and st.status.verify_result["max_err"] > 1e-2, st.status.verify_result
-    assert st.disabled and st.status.last_path.startswith("stock")
+    assert not st.verify_result["ok"] and st.verify_result["max_err"] > 1e-2, st.verify_result
+    assert st.disabled and st.last_route.path == "stock" and st.last_route.reason.startswith("disabled: verify failed")
     assert any("verify FAILED" in r.getMessage() for r in caplog.records)
     assert torch.equal(out, ref) and torch.equal(teacher_forced_logits(model, ids, cont), ref_tf)
-    fused = st.status.stats["decode_fused"]
+    fused = st.stats["decode_fused"]
     gen(model, ids, max_new_tokens=2)
-    assert st.status.stats["decode_fused"] == fused, "no fused step may run after a failed verification"
+    assert st.stats["decode_fused"] == fused, "no fused step may run after a failed verification"
     unpatch_and_check(model, lambda: gen(model, ids, max_new_tokens=4), ref)
 
 
@@ -483,7 +482,7 @@ def test_cache_id_reuse_cannot_hit_stale_graphs(monkeypatch, device):
     _fake_graph_runner(monkeypatch, RuntimeError("unused"))
     model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=20)
     braid_backend.patch(model)
-    st = model._braid_session
+    st = model._braid_session   # internals: the graph runner's and the loops' bookkeeping
     runner = st.graph_runner()
     c = st.new_cache(1, 8)
     cid = c.serial

@@ -6,15 +6,12 @@ token is followed by perm[token] for a fixed random permutation, so a trained mo
 token with a wide margin. Then braid's greedy generate() (fused kernels under the Triton interpreter)
 must give stock's tokens exactly, in fp32 and bf16, and those tokens must be the chain (the model learnt).
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braid_backend  # noqa: E402
-from braid_backend.testing.presets import build_model  # noqa: E402
+import braid_backend
+from braid_backend.testing.presets import build_model
 
 V_USED = 64       # tokens 3..66 of the tiny vocab carry the chain
 

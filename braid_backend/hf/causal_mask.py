@@ -10,7 +10,7 @@ How: an attention implementation registered under our own name, whose attention 
 SDPA one and whose mask function returns no mask. The model's configs point at it only for the duration
 of such a forward. Used only where no mask is the exact answer: SDPA models whose layers are all full
 causal attention (no sliding windows), for prompts without padding into an empty cache (the prefill
-graph's own eligibility).
+graph's own eligibility; hf/routing.py's maskless_reason says which models).
 """
 from __future__ import annotations
 
@@ -54,27 +54,16 @@ def _configs(model) -> list:
     return out
 
 
-def maskless_reason(model) -> str | None:
-    """Why the prefill of an unpadded prompt cannot drop the mask on this model, or None."""
-    cfg = model.config
-    if getattr(cfg, "_attn_implementation", None) != "sdpa":
-        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r}, not sdpa"
-    if not getattr(cfg, "is_causal", True):
-        return "not a causal model"
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types and set(layer_types) != {"full_attention"}:
-        return f"layer types {sorted(set(layer_types))}"
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False:
-        return "sliding-window attention"
-    if not _register():
-        return "could not register the attention implementation"
-    return None
+def maskless_available() -> bool:
+    """Whether the no-mask attention implementation is registered (hf/routing.py's maskless_reason
+    decides per model)."""
+    return _register()
 
 
 @contextlib.contextmanager
 def causal_without_mask(model):
     """Inside: the model's SDPA layers get no mask and is_causal=True for a multi-token forward.
-    Only for an unpadded prompt into an empty cache on a model with maskless_reason(model) None."""
+    Only for an unpadded prompt into an empty cache on a model with routing.maskless_reason(model) None."""
     cfgs = [c for c in _configs(model) if c._attn_implementation_internal == "sdpa"]
     for c in cfgs:
         c._attn_implementation_internal = NAME
