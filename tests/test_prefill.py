@@ -36,7 +36,7 @@ def test_bucket_rule():
 
 
 def _stock_prefill(model, cache, ids):
-    """The eager path of fast_decode: the patched forward (route -> stock HF modules) into `cache`."""
+    """The eager path of HFRunner.decode: the patched forward (route -> stock HF modules) into `cache`."""
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=True,
                 logits_to_keep=1, **{cache_kwarg_name(model): cache})
