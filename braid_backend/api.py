@@ -30,7 +30,8 @@ def is_patched(model) -> bool:
 
 
 def status(model) -> Status | None:
-    """What the patch did so far (paths taken, counters, fallbacks); None when the model is not patched."""
+    """What the patch did so far (last_route / last_prefill / last_forward: each stage's last path and why,
+    counters, fallbacks: see Status); None when the model is not patched."""
     s = getattr(model, "_braid_session", None)
     return s.status if s is not None else None
 

@@ -1,9 +1,10 @@
 """PatchSession: everything a patched model holds at run time, in one object that frees it all.
 
 It owns the DecodeStep (fused weights), the shared KV cache, the CUDA-graph runner and the K-step
-loops, the lock that serialises their use, and the Status that reports what ran. It refers to the
-model only weakly: model -> its patched forward/generate -> session -> step, never back, so
-`del model` frees every byte the patch allocated without waiting for the cyclic GC.
+loops, the lock that serialises their use, and the Status that reports what ran (the routes hf/routing.py
+decides, recorded here). It refers to the model only weakly: model -> its patched forward/generate ->
+hf.runner.HFRunner -> session -> step, never back, so `del model` frees every byte the patch allocated
+without waiting for the cyclic GC.
 """
 from __future__ import annotations
 
