@@ -288,6 +288,9 @@ def _check_model(model, config) -> None:
         pass   # gpt-oss with its MXFP4 experts dequantised to bf16 at load: plain parameters
     elif quantizer is not None or getattr(model, "is_quantized", False):
         raise Unsupported("quantized models are not supported")
+    if any("mxfp4" in type(m).__name__.lower() for m in model.modules()):
+        raise Unsupported("gpt-oss experts are packed MXFP4: quantized experts are not fused yet; load the checkpoint "
+                          "with Mxfp4Config(dequantize=True) (bf16 experts) to patch it")
     devmap = getattr(model, "hf_device_map", None)
     if devmap and len({str(d) for d in devmap.values()}) > 1:
         raise Unsupported(f"model is sharded over several devices by device_map ({sorted({str(d) for d in devmap.values()})})")
