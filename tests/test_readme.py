@@ -62,14 +62,10 @@ def test_options_table_check_fails_on_a_one_sided_field():
     assert set(expected_rows()) - set(options_table(dropped)) == {"verify"}
 
 
-def _code_blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
-
-
-def _commands() -> list[str]:
-    """Shell command lines of the README's bash blocks, comments cut off."""
+def _commands(text: str = README) -> list[str]:
+    """Shell command lines of the bash blocks, comments cut off."""
     out = []
-    for block in _code_blocks("bash"):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
             if line and not line.startswith("#"):
@@ -85,11 +81,14 @@ def test_cpu_test_command_is_what_ci_runs():
 
 
 def test_every_braid_bench_flag_shown_exists():
+    """In the README and in the docs that show braid-bench lines."""
     known = {s for a in build_parser()._actions for s in a.option_strings}
-    lines = [c for c in _commands() if c.startswith("braid-bench")] + re.findall(r"`(braid-bench [^`]*)`", README)
-    shown = [w for c in lines for w in shlex.split(c)[1:] if w.startswith("-")]
-    assert shown, "no braid-bench flags found: the parsing is broken"
-    assert set(shown) <= known, f"flags braid-bench does not have: {sorted(set(shown) - known)}"
+    for path in (ROOT / "README.md", ROOT / "docs" / "bench.md", ROOT / "docs" / "multi-gpu.md"):
+        text = path.read_text()
+        lines = [c for c in _commands(text) if c.startswith("braid-bench")] + re.findall(r"`(braid-bench [^`]*)`", text)
+        shown = [w for c in lines for w in shlex.split(c)[1:] if w.startswith("-")]
+        assert shown, f"no braid-bench flags found in {path.name}: the parsing is broken"
+        assert set(shown) <= known, f"{path.name}: flags braid-bench does not have: {sorted(set(shown) - known)}"
 
 
 def test_readme_is_short():
