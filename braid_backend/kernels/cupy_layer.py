@@ -58,8 +58,8 @@ def cupy_available(device: torch.device) -> tuple[bool, str]:
     try:
         cupy = _cupy()
     except Exception as e:  # ImportError, or a broken install raising anything else
-        return False, f"cupy is not importable ({type(e).__name__}: {e}); install braid-backend[cupy-cuda13] " \
-                      "or [cupy-cuda12] to match torch's CUDA"
+        return False, f"cupy is not importable ({type(e).__name__}: {e}); pip install -e '.[cupy-cuda13]' " \
+                      "(or '.[cupy-cuda12]') from a checkout, to match torch's CUDA"
     if device.type != "cuda":
         return False, f"device is {device.type}, the CuPy kernel needs a CUDA device"
     if _common.interpret_mode():
