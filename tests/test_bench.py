@@ -517,3 +517,14 @@ def test_default_cpu_run_fp32_peaked(tmp_path):
     assert rows_of(doc, "stock")[1]["correctness"]["stock_err"] == 0.0
     assert any(n.startswith("fp32 run:") for n in doc["notes"])
     assert "logits err vs fp32 ref" in (tmp_path / "results.md").read_text()
+
+
+def test_moe_bandwidth_limit_counts_only_the_selected_experts():
+    """A MoE step reads attention + router + lm_head and the union of the selected experts, not every expert."""
+    from braid_backend.bench.schema import decode_weight_bytes
+
+    facts = {"weight_bytes": 1100, "decode_weight_bytes": 1000, "moe": {"experts": 8, "top_k": 2, "expert_bytes": 800}}
+    assert decode_weight_bytes(facts, 1) == 200 + 800 * 2 // 8
+    assert decode_weight_bytes(facts, 4) == int(200 + 800 * (1 - (6 / 8) ** 4))
+    assert decode_weight_bytes(facts, 10_000) == 1000   # every expert picked by some row
+    assert decode_weight_bytes({"weight_bytes": 1100, "decode_weight_bytes": 1000}, 16) == 1000

@@ -45,7 +45,7 @@ def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict
                 f = facts_box["facts"]
                 plen = (((meta or {}).get("prompts") or {}).get("tokens") or {}).get(str(b)) or s["prompt_len"]
                 row["prompt_len"] = plen
-                row["bytes_per_step"] = int(decode_weight_bytes(f) + f["kv_bytes_per_token"] * b
+                row["bytes_per_step"] = int(decode_weight_bytes(f, b) + f["kv_bytes_per_token"] * b
                                             * (plen + s["new_tokens"] / 2))
         if meta:
             row["notes"] = list(meta.get("notes") or []) + list(row.get("notes") or [])

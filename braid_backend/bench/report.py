@@ -252,7 +252,10 @@ def markdown(doc: dict) -> str:
          + (" (tied embeddings counted once)" if model.get("tied_embeddings") else "")
          + (f", {model['decode_weight_bytes']:,} read per decode step (the input embedding table is not; the "
             "% BW limit counts these)" if model.get("decode_weight_bytes", model.get("weight_bytes"))
-            != model.get("weight_bytes") else "")),
+            != model.get("weight_bytes") else "")
+         + (f"; mixture of experts: top-{model['moe']['top_k']} of {model['moe']['experts']} experts, the % BW "
+            "limit counts the expected union of the selected experts at each batch (uniform routing)"
+            if model.get("moe") else "")),
         prompt_line,
         (f"- {a.get('warmup')} warm-ups excluded, median of {a.get('reps')} reps (min-max); "
          f"timer: {env.get('timer') or '-'}"),

@@ -81,6 +81,13 @@ def model_facts(model, dtype_size: int) -> dict:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     layers = cfg.num_hidden_layers
+    # routed experts (packed 3-D gate_up_proj / down_proj): a step reads only the selected ones
+    experts = [m for m in model.modules() if getattr(getattr(m, "gate_up_proj", None), "dim", lambda: 0)() == 3]
+    moe = None
+    if experts:
+        xb = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+        moe = {"experts": int(experts[0].gate_up_proj.shape[0]), "top_k": int(cfg.num_experts_per_tok),
+               "expert_bytes": xb}
     return {
         "config_class": type(model.config).__name__, "model_class": type(model).__name__,
         "n_params": n_params, "weight_bytes": weight_bytes, "decode_weight_bytes": weight_bytes - emb_bytes,
@@ -90,6 +97,7 @@ def model_facts(model, dtype_size: int) -> dict:
         "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * dtype_size,
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
         "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+        "moe": moe,
     }
 
 
@@ -230,7 +238,7 @@ def run_variant(spec: dict, emit: Emitter) -> None:
         ids, mask = prompts[b]
         mean_ctx = ids.shape[1] + spec["new_tokens"] / 2  # context read by the average decode step
         row = {"type": "row", "variant": variant, "batch": b, "status": "ok", "error": None,
-               "bytes_per_step": int(decode_weight_bytes(facts) + facts["kv_bytes_per_token"] * b * mean_ctx),
+               "bytes_per_step": int(decode_weight_bytes(facts, b) + facts["kv_bytes_per_token"] * b * mean_ctx),
                "correctness": checks.get(b), "greedy_agreement": None, "sample": None}
         if row["correctness"] is not None:
             row["correctness"] = {k: v for k, v in row["correctness"].items() if k != "_ref"}

@@ -179,7 +179,15 @@ def validate(doc: dict) -> list[str]:
     return out
 
 
-def decode_weight_bytes(facts: dict) -> int:
-    """Weight bytes one decode step reads: the model facts' decode_weight_bytes (every weight once, an
-    untied input embedding table left out), or weight_bytes in files written before that field."""
-    return facts.get("decode_weight_bytes", facts["weight_bytes"])
+def decode_weight_bytes(facts: dict, batch: int = 1) -> int:
+    """Weight bytes one decode step of `batch` rows reads: the model facts' decode_weight_bytes (every weight
+    once, an untied input embedding table left out), or weight_bytes in files written before that field.
+    Mixture of experts (facts["moe"]): of the routed experts only those some row selects, expected
+    E * (1 - (1 - k/E)^batch) of E under uniform top-k routing (what random-weight routers do)."""
+    total = facts.get("decode_weight_bytes", facts["weight_bytes"])
+    moe = facts.get("moe")
+    if not moe:
+        return total
+    E, k, xb = moe["experts"], moe["top_k"], moe["expert_bytes"]
+    used = E * (1.0 - (1.0 - k / E) ** max(1, batch))
+    return int(total - xb + xb * used / E)
