@@ -340,10 +340,12 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
                down_bias=None, act: str = "silu_mul", transposed: bool = False, interleaved: bool = False,
                limit: float = 7.0, alpha: float = 1.702, shared_out=None, shared_gate=None,
                res_scale: float | None = None, out=None, workspace: MoEWorkspace | None = None,
-               config: dict | None = None, tuning: Tuning | None = None) -> torch.Tensor:
+               config: dict | None = None, tuning: Tuning | None = None,
+               kernels: tuple = ("route", "gate_up", "down")) -> torch.Tensor:
     """out = [x +] MoE(h); see the module docstring. config: {"path": "gemv"|"tc", "route": {...},
     "gate_up": {...}, "down": {...}} overrides the launch heuristics; tuning: PDL and gemv_max_m (neither
-    changes the results)."""
+    changes the results). kernels: launch only some of the three (benchmarks time them one by one on a
+    workspace an earlier full call filled)."""
     t = tuning or DEFAULT_TUNING
     if route not in ROUTES or act not in ACTS:
         raise ValueError(f"route must be in {list(ROUTES)} and act in {list(ACTS)}, got {route!r}, {act!r}")
@@ -372,30 +374,35 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
     ws = workspace if workspace is not None else MoEWorkspace(M, E, top_k, H, I, dt, h.device)
     if ((ws.n_experts, ws.top_k, ws.hidden, ws.intermediate, ws.dtype) != (E, top_k, H, I, dt)
             or ws.max_rows < M or ws.ids.device != h.device):
-        raise ValueError(f"workspace for (E, k, H, I, dtype, rows) = {(ws.n_experts, ws.top_k, ws.hidden, ws.intermediate, ws.dtype, ws.max_rows)}"
-                         f" on {ws.ids.device} does not fit {(E, top_k, H, I, dt, M)} on {h.device}")
+        have = (ws.n_experts, ws.top_k, ws.hidden, ws.intermediate, ws.dtype, ws.max_rows)
+        raise ValueError(f"workspace for (E, k, H, I, dtype, rows) = {have} on {ws.ids.device} does not fit "
+                         f"{(E, top_k, H, I, dt, M)} on {h.device}")
     if M == 0:
         return out
     config = config or {}
-    moe_route(h, router_weight, ws, top_k=top_k, route=route, renorm=renorm, round_weights=round_weights,
-              router_bias=router_bias, shared_gate=shared_gate, config=config.get("route"), tuning=t)
+    if "route" in kernels:
+        moe_route(h, router_weight, ws, top_k=top_k, route=route, renorm=renorm, round_weights=round_weights,
+                  router_bias=router_bias, shared_gate=shared_gate, config=config.get("route"), tuning=t)
     items = min(E, M * top_k)
     common = dict(TOPK=top_k, KP=next_pow2(top_k), DOT_UPCAST=DOT_UPCAST, BF16_FIX=BF16_RNE_FIX,
                   IEEE=DOT_UPCAST or dt == torch.float32, **pdl_launch_kwargs(h.device, t))
     dummy = h   # pointer for disabled operands; never dereferenced (constexpr flags)
 
-    cg = dict(expert_config("gate_up", M, I, H, items, dt, h.device, transposed, config.get("path"), t.gemv_max_m))
+    cg = dict(expert_config("gate_up", M, I, H, items, dt, h.device, transposed, config.get("path"),
+                            t.gemv_max_m))
     cg.update(config.get("gate_up") or {})
     se, sn, sk = _expert_strides(gate_up, transposed)
     grid = (triton.cdiv(I, cg["BLOCK_N"]), items, triton.cdiv(M, cg["BLOCK_M"]))
-    launch(_gate_up_kernel, grid)(
-        h, gate_up, gate_up_bias if gate_up_bias is not None else dummy, ws.ids, ws.elist, ws.act,
-        M, I, H, h.stride(0), se, sn, sk, gate_up_bias.stride(0) if gate_up_bias is not None else 0,
-        float(limit), float(alpha), ACT=ACTS[act], INTERLEAVED=bool(interleaved),
-        HAS_BIAS=gate_up_bias is not None, TC=cg["path"] == "tc", BLOCK_M=cg["BLOCK_M"], BLOCK_N=cg["BLOCK_N"],
-        BLOCK_K=cg["BLOCK_K"], num_warps=cg["num_warps"], num_stages=cg["num_stages"], **common)
+    if "gate_up" in kernels:
+        launch(_gate_up_kernel, grid)(
+            h, gate_up, gate_up_bias if gate_up_bias is not None else dummy, ws.ids, ws.elist, ws.act,
+            M, I, H, h.stride(0), se, sn, sk, gate_up_bias.stride(0) if gate_up_bias is not None else 0,
+            float(limit), float(alpha), ACT=ACTS[act], INTERLEAVED=bool(interleaved),
+            HAS_BIAS=gate_up_bias is not None, TC=cg["path"] == "tc", BLOCK_M=cg["BLOCK_M"], BLOCK_N=cg["BLOCK_N"],
+            BLOCK_K=cg["BLOCK_K"], num_warps=cg["num_warps"], num_stages=cg["num_stages"], **common)
 
-    cd = dict(expert_config("down", M, H, I, items, dt, h.device, transposed, config.get("path"), t.gemv_max_m))
+    cd = dict(expert_config("down", M, H, I, items, dt, h.device, transposed, config.get("path"),
+                            t.gemv_max_m))
     cd.update(config.get("down") or {})
     split = int(cd["SPLIT"])
     if not 1 <= split <= MAX_DOWN_SPLIT:
@@ -404,14 +411,15 @@ def moe_decode(h, x, router_weight, gate_up, down, *, top_k: int, route: str = "
     grid = (triton.cdiv(H, cd["BLOCK_N"]), items * split, triton.cdiv(M, cd["BLOCK_M"]))
     res = x if x is not None else dummy
     sh = shared_out if shared_out is not None else dummy
-    launch(_down_kernel, grid)(
-        ws.act, down, down_bias if down_bias is not None else dummy, ws.ids, ws.wts, ws.elist, ws.sg, sh, res,
-        out, ws.y, ws.down_counters, M, H, I, se, sn, sk, down_bias.stride(0) if down_bias is not None else 0,
-        sh.stride(0), res.stride(0), out.stride(0), float(res_scale) if res_scale is not None else 1.0,
-        grid[1] * grid[2], HAS_BIAS=down_bias is not None, HAS_SHARED=shared_out is not None,
-        HAS_RES=x is not None, HAS_SCALE=res_scale is not None, TC=cd["path"] == "tc", BLOCK_M=cd["BLOCK_M"],
-        BLOCK_N=cd["BLOCK_N"], BLOCK_K=cd["BLOCK_K"], SPLIT=split, FBM=min(next_pow2(M), 16),
-        num_warps=cd["num_warps"], num_stages=cd["num_stages"], **common)
+    if "down" in kernels:
+        launch(_down_kernel, grid)(
+            ws.act, down, down_bias if down_bias is not None else dummy, ws.ids, ws.wts, ws.elist, ws.sg, sh, res,
+            out, ws.y, ws.down_counters, M, H, I, se, sn, sk, down_bias.stride(0) if down_bias is not None else 0,
+            sh.stride(0), res.stride(0), out.stride(0), float(res_scale) if res_scale is not None else 1.0,
+            grid[1] * grid[2], HAS_BIAS=down_bias is not None, HAS_SHARED=shared_out is not None,
+            HAS_RES=x is not None, HAS_SCALE=res_scale is not None, TC=cd["path"] == "tc", BLOCK_M=cd["BLOCK_M"],
+            BLOCK_N=cd["BLOCK_N"], BLOCK_K=cd["BLOCK_K"], SPLIT=split, FBM=min(next_pow2(M), 16),
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **common)
     return out
 
 
