@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from helpers import (BF16_FLOOR, BF16_RATIO, CAST_MATCH, FP32_TOL, KERNEL_DEV, KERNELS_USABLE,  # noqa: E402
                      KERNELS_WHY, relerr)
 from braid_backend.kernels.moe import MoEWorkspace, expert_config, moe_decode, moe_decode_reference  # noqa: E402
-from braid_backend.kernels.moe_route import moe_route, moe_route_reference, route_config, topk_lowest_index  # noqa: E402
+from braid_backend.kernels.moe_route import (moe_route, moe_route_reference, route_config,  # noqa: E402
+                                             topk_lowest_index)
 from braid_backend.model.moe import MoEPlan, moe_reference, shared_expert_reference  # noqa: E402
 
 DEV = KERNEL_DEV

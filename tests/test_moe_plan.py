@@ -44,7 +44,8 @@ def build_block(family, seed=0, dtype=torch.float32, layer=0, **over):
     with torch.no_grad():   # weights of a trained scale (init is 0.02 / zeros): spread router logits, clear margins
         for name, p in block.named_parameters():
             fan_in = p.shape[1] if ("gate_up" in name and family == "gpt_oss") else p.shape[-1]
-            scale = 0.3 if p.dim() == 1 else (3.0 if "router" in name or name == "gate.weight" else 1.0) * fan_in ** -0.5
+            router = "router" in name or name == "gate.weight"
+            scale = 0.3 if p.dim() == 1 else (3.0 if router else 1.0) * fan_in ** -0.5
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model, block.to(dtype).eval(), cfg
 

@@ -99,6 +99,17 @@ if triton is not None:
         tl.store(elist_ptr + pos, tl.where(pres, e, -1), mask=ev)
 
     @triton.jit
+    def _router_tile(w_rows, sgw_ptr, offs_e, E, k0, k_hi, me, HAS_SG: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Router rows (and the shared-expert gate as row E) over K [k0, k0 + BLOCK_K), fp32."""
+        k = (k0 + tl.arange(0, BLOCK_K))[None, None, :]
+        mk = k < k_hi
+        w = tl.load(w_rows + k, mask=me & mk, other=0.0).to(tl.float32)
+        if HAS_SG:
+            w += tl.load(sgw_ptr + k + 0 * offs_e[None, :, None], mask=(offs_e == E)[None, :, None] & mk,
+                         other=0.0).to(tl.float32)
+        return w
+
+    @triton.jit
     def _route_kernel(h_ptr, w_ptr, b_ptr, sgw_ptr, part_ptr, cnt_ptr, ids_ptr, wts_ptr, sg_ptr, elist_ptr,
                       M, E, H, stride_hm, stride_we, n_prog,
                       ROUTE: tl.constexpr, RENORM: tl.constexpr, ROUND_W: tl.constexpr,
@@ -122,16 +133,14 @@ if triton is not None:
         h_rows = h_ptr + offs_m.to(tl.int64)[:, None, None] * stride_hm
         mm = (offs_m < M)[:, None, None]
         acc = tl.zeros((BLOCK_M, BLOCK_E, BLOCK_K), tl.float32)
+        # PDL: the first router tile does not depend on earlier kernels: in flight before the wait, h after
+        w = _router_tile(w_rows, sgw_ptr, offs_e, E, k_lo, k_hi, me, HAS_SG, BLOCK_K)
         pdl_wait(USE_PDL)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = (k0 + tl.arange(0, BLOCK_K))[None, None, :]
-            mk = k < k_hi
-            w = tl.load(w_rows + k, mask=me & mk, other=0.0).to(tl.float32)
-            if HAS_SG:
-                w += tl.load(sgw_ptr + k + 0 * offs_e[None, :, None], mask=(offs_e == E)[None, :, None] & mk,
-                             other=0.0).to(tl.float32)
-            x = tl.load(h_rows + k, mask=mm & mk, other=0.0).to(tl.float32)
-            acc += x * w
+            if k0 > k_lo:
+                w = _router_tile(w_rows, sgw_ptr, offs_e, E, k0, k_hi, me, HAS_SG, BLOCK_K)
+            acc += tl.load(h_rows + k, mask=mm & (k < k_hi), other=0.0).to(tl.float32) * w
         part = tl.sum(acc, axis=2)
         tl.store(part_ptr + (pid_s * M + offs_m)[:, None] * EE + offs_e[None, :], part,
                  mask=(offs_m < M)[:, None] & (offs_e < EE)[None, :])
