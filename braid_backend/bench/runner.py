@@ -29,6 +29,7 @@ import sys
 import time
 import types
 
+from ..tuning import interpret_mode
 from .checks import finish_check, stock_check
 from .latency import chat_latency, cold_first_call, ttft_sweep
 from .probe import probe
@@ -117,7 +118,7 @@ def setup(spec: dict):
     device = torch.device(spec["device"])
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     c = types.SimpleNamespace(variant=variant, device=device, timer=Timer(device), notes=[], extra={})
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret_mode():
         c.notes.append(INTERPRET_NOTE)
 
     progress(f"{variant}: loading {spec['model']} ({spec['dtype']}, {device})")

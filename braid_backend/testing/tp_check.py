@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..tuning import interpret_mode
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,7 +45,7 @@ def _load(path: str, dtype):
     from transformers import AutoModelForCausalLM
 
     if dist.get_world_size() == 1:   # TP=1: transformers would leave the model on the CPU
-        dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+        dev = "cuda" if torch.cuda.is_available() and not interpret_mode() else "cpu"
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
     with warnings.catch_warnings():   # newer transformers prefer distributed_config=...; 5.17 has no such path
         warnings.simplefilter("ignore", FutureWarning)
@@ -95,7 +97,7 @@ def run(args) -> dict:
     from ..hf.logits import rel_err, teacher_forced_logits
     from .numerics import random_tokens
 
-    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    cuda = torch.cuda.is_available() and not interpret_mode()
     rank = dist.get_rank()
     dtype = DTYPES[args.dtype]
     res: dict = {"world": dist.get_world_size(), "dtype": args.dtype, "checkpoint": args.checkpoint,
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-fp32-ref", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    cuda = torch.cuda.is_available() and not interpret_mode()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
