@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import (BF16_RNE_FIX, DOT_UPCAST, check_norm_mode, interpret_mode, launch, next_pow2, num_sms,
-                      pdl_launch_kwargs, require, tl, triton)
+from ._common import (BF16_RNE_FIX, DOT_UPCAST, Tuning, check_norm_mode, interpret_mode, launch, next_pow2,
+                      num_sms, pdl_launch_kwargs, require, tl, triton)
 from .fused_gemv import _ACTS, GemvWorkspace, _check_2d, _split_k, _split_need, fused_gemv_reference
 
 if triton is not None:
@@ -135,7 +135,10 @@ def concat_quant(parts: list[QuantWeight]) -> QuantWeight:
     f = parts[0].format
     K = parts[0].shape[1]
     require(all(p.format == f and p.shape[1] == K for p in parts), "concat_quant: formats and K must match")
-    data = torch.cat([p.data for p in parts], 0)
+    if f == "int4":
+        data = torch.cat([p.data for p in parts], 0)
+    else:   # through uint8: float8 cat kernels are not everywhere
+        data = torch.cat([p.data.view(torch.uint8) for p in parts], 0).view(parts[0].data.dtype)
     N = data.shape[0]
     if f == "fp8_block":
         bn = parts[0].block[0]
@@ -482,9 +485,10 @@ def quant_gemv(x: torch.Tensor, qw: QuantWeight, *, bias: torch.Tensor | None = 
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_mode: int = 0,
                norm_offset: float = 0.0, act: str | None = None, residual: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: dict | None = None, res_scale: float | None = None,
-               workspace: GemvWorkspace | None = None) -> torch.Tensor:
+               workspace: GemvWorkspace | None = None, tuning: Tuning | None = None) -> torch.Tensor:
     """out (M, N_out) = [residual +] epilogue(norm(x) @ dequantize(qw)^T [+ bias]) [* res_scale]: fused_gemv's
-    contract and cast points on a QuantWeight (module docstring). `config` keys as fused_gemv's, plus FP8_HW."""
+    contract and cast points on a QuantWeight (module docstring). `config` keys as fused_gemv's, plus FP8_HW.
+    `tuning`: launch knobs as fused_gemv's (PDL; split_k=False keeps K whole); results do not depend on it."""
     require(isinstance(qw, QuantWeight), "qw must be a QuantWeight")
     require(act in _ACTS, f"act must be one of {list(_ACTS)}, got {act!r}")
     check_norm_mode(norm_mode)
@@ -528,7 +532,7 @@ def quant_gemv(x: torch.Tensor, qw: QuantWeight, *, bias: torch.Tensor | None = 
     require(not asked or cfg["path"] == "tc", "SPLIT_K applies to the tc path only")
     require(not asked or workspace is not None, "SPLIT_K > 1 needs a workspace (kernels.fused_gemv.GemvWorkspace)")
     require(split >= 1, f"SPLIT_K must be >= 1, got {split}")
-    if workspace is None:
+    if workspace is None or (tuning is not None and not tuning.split_k and not asked):
         split = 1
     dummy = x
     res = residual if residual is not None else dummy
@@ -539,7 +543,7 @@ def quant_gemv(x: torch.Tensor, qw: QuantWeight, *, bias: torch.Tensor | None = 
                  ACT=_ACTS[act], HAS_RES=residual is not None, HAS_SCALE=res_scale is not None, **fflags,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16_FIX=BF16_RNE_FIX,
                  FP8_HW=bool(cfg.get("FP8_HW", not interpret_mode())), num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"], **pdl_launch_kwargs(x.device))
+                 num_stages=cfg["num_stages"], **pdl_launch_kwargs(x.device, tuning))
     if cfg["path"] == "gemv":
         launch(_gemv_kernel, (triton.cdiv(n_out, bn), triton.cdiv(M, bm)))(*args, **flags)
     elif cfg["path"] == "tc":

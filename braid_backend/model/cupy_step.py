@@ -36,6 +36,8 @@ def layer_spec(plan: ModelPlan) -> LayerSpec:
 def model_reason(plan: ModelPlan) -> str | None:
     """Why this model's layers cannot run the CuPy kernel (None: they can, CuPy permitting)."""
     s = plan.spec
+    if plan.quant is not None:
+        return "quantized weights (the CuPy layer kernel reads dense ones)"
     if plan.tp is not None:
         return "tensor parallelism (the CuPy kernel runs on one device)"
     if s.norm_mode != 0 or s.norm_offset != 0.0:

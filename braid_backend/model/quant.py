@@ -14,6 +14,9 @@ What transformers 5.17-5.24 builds (read from their integrations, not guessed):
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -159,3 +162,96 @@ def describe(qw: QuantWeight) -> str:
         return "fp8 e4m3, per-tensor scale"
     kind = "symmetric" if qw.zero_point is None else "asymmetric (zero points)"
     return f"int4, group {qw.group_size}, {kind}, {str(qw.scale.dtype).replace('torch.', '')} scales"
+
+
+def is_quant_module(m: nn.Module) -> bool:
+    """A module transformers' FineGrainedFP8 / compressed-tensors integrations built (quantized or not yet read)."""
+    return type(m).__name__.startswith("FP8") or getattr(m, "quantization_scheme", None) is not None
+
+
+def has_quantized(block: nn.Module) -> bool:
+    """Whether any submodule or parameter of `block` is quantized (FP8 / int storage, quantized modules)."""
+    return any(is_quant_module(m) for m in block.modules()) or any(
+        not p.dtype.is_floating_point or p.element_size() == 1 for p in block.parameters())
+
+
+def main_tensor(m: nn.Module) -> torch.Tensor:
+    """The tensor holding a Linear's weight bytes: the int4 `weight_packed`, else `weight`."""
+    t = getattr(m, "weight_packed", None)
+    return t if t is not None else m.weight
+
+
+@dataclass
+class QuantPlan:
+    """A quantized model's facts for the step and the report (no QuantWeight kept: the step reads its own)."""
+    method: str                       # model_quant_method: "fp8" (FineGrainedFP8) or "compressed-tensors"
+    formats: dict[str, str]           # module name -> describe() of every quantized Linear
+    modules: dict[str, nn.Module]     # the same modules (prefill routes every one of them)
+    model: weakref.ref                # the model (compressed-tensors' decompress hook sits on it); weak: no cycle
+    dtype: torch.dtype                # the activations' dtype (the dense parameters')
+
+    def format_of(self, m: nn.Module) -> str | None:
+        return self._by_id.get(id(m))
+
+    def __post_init__(self):
+        self._by_id = {id(m): self.formats[n] for n, m in self.modules.items()}
+
+
+def quant_modules(model: nn.Module) -> dict[str, tuple[nn.Module, QuantWeight]]:
+    """name -> (module, QuantWeight) of every quantized linear in the model; Unsupported names the first one
+    the kernels cannot read (its stock forward could not run once the model is patched either)."""
+    out = {}
+    for name, m in model.named_modules():
+        if not is_quant_module(m) and not isinstance(m, nn.Linear):
+            continue
+        try:
+            qw = quant_weight(m)
+        except Unsupported as e:
+            raise Unsupported(f"{name}: {e}") from None
+        if qw is not None:
+            out[name] = (m, qw)
+        elif is_quant_module(m) and not isinstance(m, nn.Linear):
+            raise Unsupported(f"{name}: {type(m).__name__} (quantized MoE experts / embeddings) is not fused yet: "
+                              "the MoE kernels read dense experts only")
+    return out
+
+
+def check_packable(linears, what: str, act: bool = False) -> None:
+    """Unsupported(reason) where q|k|v or gate|up cannot share one packed QuantWeight (concat_quant's rules, and
+    quant_gemv's fp8 gate|up rule), checked at planning so that patch() reports it."""
+    qws = [quant_weight(m) for m in linears]
+    if all(q is None for q in qws):
+        return
+    if any(q is None for q in qws):
+        raise Unsupported(f"{what}: mixes dense and quantized modules (one packed weight needs one format)")
+    if len({q.format for q in qws}) > 1:
+        raise Unsupported(f"{what}: formats differ ({', '.join(q.format for q in qws)}): one packed weight needs one")
+    q0 = qws[0]
+    if q0.format == "fp8_block":
+        bn, bk = q0.block
+        if len({q.block for q in qws}) > 1:
+            raise Unsupported(f"{what}: fp8 block shapes differ")
+        rows = [q.shape[0] for q in qws[:-1]] + ([q0.shape[0] // 2] if act and len(qws) == 1 else [])
+        if any(r % bn for r in rows):
+            raise Unsupported(f"{what}: fp8 {bn}x{bk} block scales and {[q.shape[0] for q in qws]} rows: a part that "
+                              f"is not a multiple of {bn} rows would straddle a scale block in the packed weight")
+    if q0.format == "int4" and (len({q.group_size for q in qws}) > 1 or len({q.zero_point is None for q in qws}) > 1):
+        raise Unsupported(f"{what}: int4 group sizes or symmetry differ")
+
+
+def plan_quant(model: nn.Module, method: str) -> QuantPlan:
+    """Every quantized Linear read (or Unsupported), the model-level checks of `method`, and the dense dtype."""
+    cfg = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) or getattr(
+        model.config, "quantization_config", None)
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    if method == "compressed-tensors" and get("kv_cache_scheme") is not None:
+        raise Unsupported("compressed-tensors kv_cache_scheme (a quantized KV cache) is not implemented: the braid "
+                          "cache holds the model dtype")
+    mods = quant_modules(model)
+    quant_ids = {id(p) for m, _ in mods.values() for n, p in m._parameters.items() if p is not None and n != "bias"}
+    dense = {p.dtype for p in model.parameters() if id(p) not in quant_ids}
+    if len(dense) != 1 or next(iter(dense)) not in (torch.float32, torch.bfloat16, torch.float16):
+        raise Unsupported(f"parameters outside the quantized Linears have dtypes {sorted(map(str, dense))}: need one "
+                          "of fp32/bf16/fp16 (quantized embeddings or norms are not read)")
+    return QuantPlan(method, {n: describe(qw) for n, (_, qw) in mods.items()}, {n: m for n, (m, _) in mods.items()},
+                     weakref.ref(model), next(iter(dense)))

@@ -15,6 +15,7 @@ from torch import nn
 from ..tuning import DEFAULT as DEFAULT_TUNING
 from ..tuning import Tuning
 from .moe import moe_layer_indices, plan_moe
+from .quant import QuantPlan, check_packable, has_quantized, model_quant_method, plan_quant, quant_weight
 from .unsupported import Unsupported
 from .tp import TPComm, TPMismatch, has_dtensors, tp_layout
 
@@ -180,6 +181,7 @@ class ModelPlan:
     final_softcap: float | None = None                # logits = tanh(logits / c) * c    (Gemma-2/3)
     longrope: int | None = None                       # original_max_position_embeddings of a longrope table
     tp: TPComm | None = None                          # tensor-parallel rank layout (transformers tp_plan)
+    quant: QuantPlan | None = None                    # quantized checkpoint: method, per-module formats
     warnings: list[str] = field(default_factory=list)  # patch() logs them and puts them in the report
 
 
@@ -191,11 +193,17 @@ def norm_eps(m: nn.Module) -> float:
 
 
 def _linear(parent: nn.Module, name: str, where: str) -> nn.Linear:
+    """A plain nn.Linear, or a quantized one the kernels read (model/quant.py: FP8Linear, compressed-tensors)."""
     m = getattr(parent, name, None)
     if m is None:
         raise Unsupported(f"{where}.{name} is missing")
-    if type(m) is not nn.Linear:  # quantized / LoRA / other Linear subclasses compute something else
+    if type(m) is not nn.Linear and type(m).__name__ != "FP8Linear":
+        # LoRA / other Linear subclasses compute something else
         raise Unsupported(f"{where}.{name} is a {type(m).__name__}, not a plain nn.Linear")
+    try:
+        quant_weight(m)   # a QuantWeight, None (dense), or Unsupported with the reason
+    except Unsupported as e:
+        raise Unsupported(f"{where}.{name}: {e}") from None
     return m
 
 
@@ -279,15 +287,22 @@ def _model_scalars(model, config, spec: FamilySpec, embed: nn.Module) -> dict:
     return out
 
 
-def _check_model(model, config) -> None:
+def _check_model(model, config) -> str | None:
+    """The model-wide checks; returns the quant_method of a quantized checkpoint the kernels read (else None)."""
     if model.training:
         raise Unsupported("model is in training mode (call model.eval() first)")
     quantizer = getattr(model, "hf_quantizer", None)
     qc = getattr(quantizer, "quantization_config", None)
+    method = None
     if getattr(qc, "quant_method", None) == "mxfp4" and getattr(qc, "dequantize", False):
         pass   # gpt-oss with its MXFP4 experts dequantised to bf16 at load: plain parameters
     elif quantizer is not None or getattr(model, "is_quantized", False):
-        raise Unsupported("quantized models are not supported")
+        try:
+            method = model_quant_method(model)
+        except Unsupported as e:
+            raise Unsupported(f"quantized model: {e}") from None
+        if method is None and not getattr(qc, "dequantize", False):
+            raise Unsupported("quantized model without a readable quantization_config")
     if any("mxfp4" in type(m).__name__.lower() for m in model.modules()):
         raise Unsupported("gpt-oss experts are packed MXFP4: quantized experts are not fused yet; load the checkpoint "
                           "with Mxfp4Config(dequantize=True) (bf16 experts) to patch it")
@@ -299,11 +314,13 @@ def _check_model(model, config) -> None:
     dtypes = {p.dtype for p in params}
     if len(devices) != 1:
         raise Unsupported(f"parameters live on several devices: {sorted(map(str, devices))}")
-    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
+    if method is None and (len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16,
+                                                                           torch.float16)):
         raise Unsupported(f"parameter dtypes {sorted(map(str, dtypes))}: need one of fp32/bf16/fp16")
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
         raise Unsupported(f"attention implementation {config._attn_implementation!r}: prefill through it "
                           "with the braid cache is untested (use sdpa or eager)")
+    return method
 
 
 def _attn_projections(spec, attn, where, n_heads, n_kv, head_dim):
@@ -314,6 +331,7 @@ def _attn_projections(spec, attn, where, n_heads, n_kv, head_dim):
         raise Unsupported(f"{where}: projection sizes do not match heads x head_dim")
     if len({m.bias is None for m in qkv}) > 1:
         raise Unsupported(f"{where}: q/k/v disagree on bias")
+    check_packable(qkv, f"{where}.{spec.attn} q|k|v")
     return qkv, o
 
 
@@ -325,6 +343,7 @@ def _projections(spec, attn, mlp, where, n_heads, n_kv, head_dim):
         raise Unsupported(f"{where}: gate/up disagree on bias")
     if len(gate_up) == 1 and gate_up[0].out_features % 2:
         raise Unsupported(f"{where}: packed gate_up has an odd number of rows")
+    check_packable(gate_up, f"{where}.{spec.mlp} gate|up", act=True)
     return qkv, o, gate_up, down
 
 
@@ -353,15 +372,21 @@ def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
     if spec is None:
         raise Unsupported(f"model type {config.model_type!r} has no braid family spec "
                           f"(supported: {', '.join(t for s in REGISTRY for t in s.model_types)})")
-    _check_model(model, config)
+    method = _check_model(model, config)
     _check_family_config(config, spec)
+    quant = None
+    if method is not None:   # the dense-dtype check of _check_model, minus the quantized Linears' storage
+        if has_dtensors(model):
+            raise Unsupported("tensor-parallel quantized models are not fused")
+        quant = plan_quant(model, method)
 
     backbone = getattr(model, "model", None)
     lm_head = getattr(model, "lm_head", None)
     if backbone is None or lm_head is None or not hasattr(backbone, "layers"):
         raise Unsupported("expected <CausalLM>.model.layers and .lm_head")
-    if type(lm_head) is not nn.Linear or lm_head.bias is not None:
+    if (type(lm_head) is not nn.Linear and type(lm_head).__name__ != "FP8Linear") or lm_head.bias is not None:
         raise Unsupported("lm_head is not a bias-free nn.Linear")
+    _linear(model, "lm_head", "model")   # dense or quantized (a quantized lm_head runs quant_gemv)
     longrope = _check_rope(config, spec)
     act_name = getattr(config, spec.act_attr, None)
     act = ACTS.get(act_name)
@@ -386,6 +411,9 @@ def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
         moe = None
         if i in moe_layers:
             qkv, o = _attn_projections(spec, attn, where, n_heads, n_kv, head_dim)
+            if quant is not None and has_quantized(mlp):
+                raise Unsupported(f"{where}.{spec.mlp}: quantized MoE experts are not fused yet (the MoE kernels "
+                                  "read dense experts only)")
             try:
                 moe = plan_moe(mlp, config)
             except Unsupported as e:
@@ -427,7 +455,7 @@ def plan_model(model: nn.Module, tuning: Tuning = DEFAULT_TUNING) -> ModelPlan:
         raise Unsupported("tensor-parallel layout: packed qkv_proj / gate_up_proj shards are not fused")
     return ModelPlan(spec, layers, backbone.embed_tokens, final_norm,
                      lm_head, backbone.rotary_emb, n_heads, n_kv, head_dim, hidden, intermediate,
-                     norm_eps(backbone.norm), act, longrope=longrope, warnings=warnings, tp=tp,
+                     norm_eps(backbone.norm), act, longrope=longrope, warnings=warnings, tp=tp, quant=quant,
                      **_model_scalars(model, config, spec, backbone.embed_tokens))
 
 

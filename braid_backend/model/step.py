@@ -18,6 +18,10 @@ ops HF runs, so the cast points match). A kernel with a normalise-then-add epilo
 
 Every tensor it touches is preallocated (StepBuffers), so the step can be captured in a CUDA graph.
 
+Quantized checkpoints (FineGrainedFP8, compressed-tensors): a projection weight is then a QuantWeight (views of
+the module's own quantized tensors; q|k|v and gate|up packed by concat_quant) and `gemv` runs quant_gemv on it,
+fused_gemv otherwise, with the same keywords (model/quant_step.py). Prefill of those modules: quant_prefill.py.
+
 `DecodeStep` is what runtime/ drives (see runtime/interface.py for the contract): it owns the fused
 weights and RoPE tables, makes StepBuffers, and runs one step on a cache. A second backend (a persistent
 kernel) implements the same few members and runs under the same graphs and loops.
@@ -30,14 +34,18 @@ import torch
 
 from ..kernels._common import num_sms
 from ..kernels.decode_attention import attention_workspace, decode_attention, default_num_splits
-from ..kernels.fused_gemv import fused_gemv, gemv_workspace
 from ..kernels.moe import moe_decode
+from ..kernels.quant_gemv import QuantWeight
 from ..kernels.rmsnorm import rmsnorm
 from ..kernels.rope_cache import rope_qkv_cache_write
 from ..tuning import DEFAULT as DEFAULT_TUNING
 from ..tuning import Tuning
-from .fuse import fuse_linears, unfuse_linears
+from .fuse import unfuse_linears
+from .quant import main_tensor
+from .quant_prefill import QuantPrefill
+from .quant_step import formats, gemv, pack, quant_calls, step_workspace, unpack, weight_of
 from .spec import ModelPlan, norm_eps
+from .unsupported import Unsupported
 from .tp import FlagPartials, local
 
 
@@ -72,13 +80,6 @@ def _w(m):
 
 def _b(m):
     return local(m.bias) if m.bias is not None else None
-
-
-def _packed(linears):
-    """The packed weight/bias of q|k|v or gate|up: already one module (Phi-3) or packed here."""
-    if len(linears) == 1:
-        return linears[0].weight, linears[0].bias   # (tensor parallelism refuses packed modules)
-    return fuse_linears(list(linears))
 
 
 class StepBuffers:
@@ -140,7 +141,7 @@ class StepBuffers:
                   for c in ((M, n_qkv, p.hidden, False, norm), (M, st.intermediate, p.hidden, True, norm))]
         if moe is not None and st.shared_inter:
             calls += [(M, st.shared_inter, p.hidden, True, False), (M, p.hidden, st.shared_inter, False, False)]
-        self.gemv_ws = gemv_workspace(calls, dt, dev, st.tuning)
+        self.gemv_ws = step_workspace(calls, quant_calls(M, st.gemv_sites()), dt, dev, st.tuning)
 
 
 class DecodeStep:
@@ -151,31 +152,46 @@ class DecodeStep:
     def __init__(self, plan: ModelPlan, tuning: Tuning | None = None):
         self.plan, self.tp = plan, plan.tp
         self.tuning = tuning or DEFAULT_TUNING
-        world = plan.tp.world if plan.tp is not None else 1
-        lm = local(plan.lm_head.weight)
-        self.device, self.dtype, self.vocab = lm.device, lm.dtype, plan.lm_head.weight.shape[0]
+        lm = weight_of(plan.lm_head)             # a dense tensor or a QuantWeight (quantized lm_head)
+        self.device, self.vocab = lm.device, plan.lm_head.out_features
+        self.dtype = lm.dtype if plan.quant is None else plan.quant.dtype
         self.w_lm, self.w_embed = lm, local(plan.embed.weight)
+        self.views: list = []                    # (module, name) made views of packed QuantWeights
+        self.prefill = QuantPrefill(plan.quant) if plan.quant is not None else None
+        self.layers, self.tables, self.table_len = [], {}, 0
+        try:
+            self._build()
+        except BaseException:   # never leave packed views or installed forwards behind
+            self.release()
+            raise
+
+    def _build(self) -> None:
+        plan, world = self.plan, self.tp.world if self.tp is not None else 1
         # this rank's heads and MLP slice (all of them on one device)
         self.n_heads, self.n_kv_heads = plan.n_heads // world, plan.n_kv_heads // world
         self.intermediate = plan.intermediate // world
         self.num_layers, self.head_dim = len(plan.layers), plan.head_dim
         self.num_sms = num_sms(self.device)
-        self.layers = []
         self.moe_plan, self.shared_inter = None, 0   # one MoE layer's plan: sizes the step's MoE buffers
         for lp in plan.layers:
-            w_qkv, b_qkv = _packed(lp.qkv)
+            where = f"model.layers.{lp.index}"
+            try:
+                w_qkv, b_qkv = pack(lp.qkv, self.views)
+                w_gu, b_gu = pack(lp.gate_up, self.views, act=True) if lp.moe is None else (None, None)
+            except Unsupported as e:
+                raise Unsupported(f"{where}: {e}") from None
             eps = (_eps(lp.attn_norm), _eps(lp.mlp_norm), _eps(lp.attn_out_norm), _eps(lp.mlp_out_norm),
                    _eps(lp.q_norm))
             if lp.moe is None:
-                w_gu, b_gu = _packed(lp.gate_up)
-                self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, _w(lp.o), _b(lp.o), _w(lp.down),
-                                              _b(lp.down), lp, *eps))
+                self.layers.append(FusedLayer(w_qkv, b_qkv, w_gu, b_gu, weight_of(lp.o), _b(lp.o),
+                                              weight_of(lp.down), _b(lp.down), lp, *eps))
                 continue
             mp = self.moe_plan = lp.moe
-            fl = FusedLayer(w_qkv, b_qkv, None, None, _w(lp.o), _b(lp.o), None, None, lp, *eps, moe=mp.op_kwargs())
+            fl = FusedLayer(w_qkv, b_qkv, None, None, weight_of(lp.o), _b(lp.o), None, None, lp, *eps,
+                            moe=mp.op_kwargs())
             if mp.shared_gate_proj is not None:
-                fl.w_sgu, _ = fuse_linears([mp.shared_gate_proj, mp.shared_up_proj])
-                fl.w_sdown = mp.shared_down_proj.weight
+                fl.w_sgu, _ = pack([mp.shared_gate_proj, mp.shared_up_proj], self.views, act=True)
+                fl.w_sdown = weight_of(mp.shared_down_proj)
                 self.shared_inter = mp.shared_down_proj.in_features
             self.layers.append(fl)
         # Granite's residual multiplier needs no scratch on one device (GEMV epilogue), only under TP
@@ -185,22 +201,38 @@ class DecodeStep:
         self.tables: dict = {}      # rope key -> (cos, sin), positions [0, table_len)
         self.table_len = 0
         self.weights_ptr = self._weights_ptr()
+        if self.prefill is not None:   # after packing: the prefill forwards read the packed views
+            self.prefill.install()
 
     def _weights_ptr(self) -> int:
-        return local(self.plan.layers[0].q.weight).data_ptr()
+        return local(main_tensor(self.plan.layers[0].q)).data_ptr()
 
     def weights_moved(self) -> bool:
-        """True when someone replaced or moved the parameters (model.to(...), load_state_dict with assign)."""
+        """True when someone replaced or moved the parameters (model.to(...), load_state_dict with assign):
+        layer 0's q weight (the quantized data of a quantized model), lm_head's device, the dense dtype."""
         p = self.plan
-        return (self._weights_ptr() != self.weights_ptr or local(p.lm_head.weight).device != self.device
-                or p.lm_head.weight.dtype != self.dtype)
+        dense = p.embed.weight if p.quant is not None else p.lm_head.weight
+        return (self._weights_ptr() != self.weights_ptr or local(main_tensor(p.lm_head)).device != self.device
+                or dense.dtype != self.dtype)
+
+    def gemv_sites(self) -> list[tuple]:
+        """(weight, act) of every projection the step runs (StepBuffers sizes the split-K workspace from them)."""
+        sites = [(self.w_lm, False)]
+        for fl in self.layers:
+            sites += [(fl.w_qkv, False), (fl.w_o, False), (fl.w_gu, True), (fl.w_down, False), (fl.w_sgu, True),
+                      (fl.w_sdown, False)]
+        return [s for s in sites if s[0] is not None]
 
     def release(self) -> None:
+        """Undo everything the step changed on the model (also after a half-finished constructor)."""
+        if self.prefill is not None:
+            self.prefill.remove()
+        unpack(self.views)   # packed QuantWeights: every module's parameters get their own copies back
         # only what fuse_linears packed goes back to separate tensors; pre-packed modules are untouched
-        unfuse_linears([m for fl in self.layers for group in (fl.plan.qkv, fl.plan.gate_up) if len(group) > 1
-                        for m in group])
-        unfuse_linears([m for fl in self.layers if fl.w_sgu is not None
-                        for m in (fl.plan.moe.shared_gate_proj, fl.plan.moe.shared_up_proj)])
+        groups = [(w, g) for fl in self.layers for w, g in ((fl.w_qkv, fl.plan.qkv), (fl.w_gu, fl.plan.gate_up))]
+        groups += [(fl.w_sgu, (fl.plan.moe.shared_gate_proj, fl.plan.moe.shared_up_proj))
+                   for fl in self.layers if fl.w_sgu is not None]
+        unfuse_linears([m for w, g in groups if len(g) > 1 and not isinstance(w, QuantWeight) for m in g])
         self.layers.clear()
         self.tables.clear()
 
@@ -281,12 +313,12 @@ class DecodeStep:
         direct = post_norm is None   # the sublayer's output goes straight into x (times m for Granite)
         if tp is None:
             if direct:   # x + y, or Granite's x + rnd(y * m), in the GEMV's epilogue
-                fused_gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult,
-                           workspace=b.gemv_ws, tuning=t)
+                gemv(h, w, bias=bias, residual=b.x, out=b.x, res_scale=p.residual_mult,
+                     workspace=b.gemv_ws, tuning=t)
                 return
-            fused_gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws, tuning=t)
+            gemv(h, w, bias=bias, out=b.tmp, workspace=b.gemv_ws, tuning=t)
         elif isinstance(b.part, FlagPartials):
-            fused_gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws, tuning=t)
+            gemv(h, w, out=b.part.slot(slot), workspace=b.gemv_ws, tuning=t)
             if direct and p.residual_mult is None:
                 b.part.reduce(slot, b.x, residual=b.x, bias=bias)
                 return
@@ -297,10 +329,10 @@ class DecodeStep:
                 # residual add, saving a kernel per sublayer. Rounds x + partial before the sum where
                 # stock rounds the sum first: the same error budget (the TP checks measure it).
                 dst = b.x if b.part is None else b.part
-                fused_gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws, tuning=t)
+                gemv(h, w, residual=b.x if tp.rank == 0 else None, out=dst, workspace=b.gemv_ws, tuning=t)
                 tp.reduce_into(b.part, b.x)
                 return
-            fused_gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws, tuning=t)
+            gemv(h, w, out=b.tmp if b.part is None else b.part, workspace=b.gemv_ws, tuning=t)
             tp.reduce_into(b.part, b.tmp)
             if bias is not None:
                 b.tmp.add_(bias)
@@ -352,8 +384,8 @@ class DecodeStep:
         t = self.tuning
         for i, fl in enumerate(self.layers):
             lp = fl.plan
-            fused_gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
-                       norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws, tuning=t)
+            gemv(b.x, fl.w_qkv, bias=fl.b_qkv, norm_weight=_w(lp.attn_norm), eps=fl.eps_attn,
+                 norm_mode=nm, norm_offset=no, out=b.qkv, workspace=b.gemv_ws, tuning=t)
             if full_qk:   # OLMo2: one RMSNorm over all heads of q (and of k), in place on the slices
                 rmsnorm(b.qkv[:, :dq], _w(lp.q_norm), eps=fl.eps_qk, norm_mode=nm, norm_offset=no,
                         out=b.qkv[:, :dq], tuning=t)
@@ -372,8 +404,8 @@ class DecodeStep:
             if fl.moe is not None:
                 self._moe(b, fl, nm, no)
                 continue
-            fused_gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
-                       norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, tuning=t)
+            gemv(b.x, fl.w_gu, bias=fl.b_gu, norm_weight=_w(lp.mlp_norm), eps=fl.eps_mlp,
+                 norm_mode=nm, norm_offset=no, act=p.act, out=b.act, workspace=b.gemv_ws, tuning=t)
             self._sublayer_out(b, b.act, fl.w_down, fl.b_down, lp.mlp_out_norm, fl.eps_mlp_out, 1)
         return self._head(b)
 
@@ -383,8 +415,8 @@ class DecodeStep:
         rmsnorm(b.x, _w(fl.plan.mlp_norm), eps=fl.eps_mlp, norm_mode=nm, norm_offset=no, out=b.h, tuning=t)
         shared = None
         if fl.w_sgu is not None:
-            fused_gemv(b.h, fl.w_sgu, act="silu_mul", out=b.sact, workspace=b.gemv_ws, tuning=t)
-            shared = fused_gemv(b.sact, fl.w_sdown, out=b.shared, workspace=b.gemv_ws, tuning=t)
+            gemv(b.h, fl.w_sgu, act="silu_mul", out=b.sact, workspace=b.gemv_ws, tuning=t)
+            shared = gemv(b.sact, fl.w_sdown, out=b.shared, workspace=b.gemv_ws, tuning=t)
         moe_decode(b.h, b.x, **fl.moe, shared_out=shared, out=b.x, workspace=b.moe_ws, tuning=t)
 
     def _head(self, b: StepBuffers) -> torch.Tensor:
@@ -392,8 +424,8 @@ class DecodeStep:
         p, tp = self.plan, self.tp
         nm, no = p.spec.norm_mode, p.spec.norm_offset
         lm_out = b.logits_part if tp is not None and tp.lm_sharded else b.logits
-        fused_gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
-                   norm_mode=nm, norm_offset=no, out=lm_out, workspace=b.gemv_ws, tuning=self.tuning)
+        gemv(b.x, self.w_lm, norm_weight=_w(p.final_norm), eps=p.eps,
+             norm_mode=nm, norm_offset=no, out=lm_out, workspace=b.gemv_ws, tuning=self.tuning)
         if lm_out is not b.logits:
             tp.gather_logits(lm_out, b.logits_all, b.logits)
         if p.logits_div is not None:      # Granite: logits / logits_scaling, in the model dtype like HF
@@ -419,9 +451,10 @@ class DecodeStep:
             win = f", sliding window {lp.window}" if lp.window else ""
             post = " + post-norm" if lp.attn_out_norm is not None else ""
             win += " + sinks" if lp.sinks is not None else ""
+            wq = formats(p.quant, dict(zip(spec.proj, (*lp.qkv, lp.o))))
             rows.append((f"model.layers.{lp.index}." + names(spec.attn_norm, spec.attn, spec.attn_out_norm),
                          f"{pre}qkv GEMV{bias}{extra} + rope + cache write; decode attention{win}; "
-                         f"o_proj GEMV{post} + residual"))
+                         f"o_proj GEMV{post} + residual{wq}"))
             pre = "rmsnorm + " if lp.mlp_norm is not None else ""
             post = " + post-norm" if lp.mlp_out_norm is not None else ""
             where = f"model.layers.{lp.index}." + names(spec.mlp_norm, spec.mlp, spec.mlp_out_norm)
@@ -432,8 +465,11 @@ class DecodeStep:
                                     f"gate_up + {m.act} and down over the selected experts only{shared}; "
                                     f"weighted sum + residual"))
                 continue
-            rows.append((where, f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual"))
-        rows.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV"))
+            wm = formats(p.quant, dict(zip(spec.mlp_proj, (*lp.gate_up, lp.down))))
+            rows.append((where, f"{pre}gate_up GEMV + {p.act}; down GEMV{post} + residual{wm}"))
+        rows.append(("model.norm+lm_head", "rmsnorm + lm_head GEMV" + formats(p.quant, {"lm_head": p.lm_head})))
+        if self.prefill is not None:
+            rows.append(("prefill of the quantized Linears", self.prefill.how))
         if self.tp is not None:
             rows.append(("tensor parallelism", self.tp.describe()))
         return rows

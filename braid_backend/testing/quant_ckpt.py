@@ -83,15 +83,23 @@ def _ct_config(fmt: str, group: int, symmetric: bool) -> dict:
 
 @torch.no_grad()
 def write_quant_checkpoint(path, fmt: str, preset: str = "tiny-llama", group: int = 128, symmetric: bool = True,
-                           dtype: torch.dtype = torch.bfloat16, seed: int = 0, **config_overrides) -> dict:
+                           dtype: torch.dtype = torch.bfloat16, seed: int = 0, peaked: float | None = None,
+                           **config_overrides) -> dict:
     """Write `preset` (random weights) with its decoder projections quantized in `fmt` to folder `path`.
-    Returns {module name: the quantized tensors written} (what a loader must give back)."""
+    `peaked`: an untied lm_head made of the embedding rows in a random order times `peaked` (braid-bench's
+    tiny-peaked idea: greedy tokens vary, top-1 margins are clear). Returns {module name: the quantized
+    tensors written} (what a loader must give back)."""
     from safetensors.torch import load_file, save_file
 
     if fmt not in ("fp8_block", "fp8_channel", "int4"):
         raise ValueError(f"fmt must be fp8_block, fp8_channel or int4, got {fmt!r}")
     path = str(path)
     model = build_model(preset, dtype=dtype, seed=seed, **config_overrides)
+    if peaked:
+        if model.config.tie_word_embeddings:
+            raise ValueError("peaked needs an untied lm_head (tie_word_embeddings=False)")
+        perm = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
+        model.lm_head.weight.copy_(model.get_input_embeddings().weight[perm] * peaked)
     model.save_pretrained(path)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     if len(files) != 1:
