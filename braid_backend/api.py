@@ -81,6 +81,7 @@ def patch(model, **options) -> PatchReport:
         return _refuse(model, report, f"backend='cupy': {cupy_why}", True)
     views = _packed_views(model)
     events = StepEvents()   # what the CuPy step records at run time; the session moves it into the report
+    step = None
     try:
         step = (DecodeStep(plan, opts.tuning) if opts.backend == "triton" or cupy_why
                 else CupyDecodeStep(plan, opts.backend, events, opts.tuning))
@@ -90,6 +91,8 @@ def patch(model, **options) -> PatchReport:
         _report_backend(report, opts.backend, step, cupy_why)
     except Exception as e:  # a bug or an unforeseen module: never leave the weights half-packed
         log.debug("braid: patch failed", exc_info=True)
+        if step is not None:   # prefill forwards / hooks a quantized model's step installed
+            step.release()
         _rollback(model, views)
         report.patched.clear()
         report.stock.clear()
