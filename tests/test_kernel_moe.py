@@ -309,7 +309,7 @@ def test_heuristics_real_shapes(monkeypatch):
             assert rc["BLOCK_E"] * -(-H // rc["SPLIT"]) * 2 <= 16384, (name, M, rc)
     # few down programs (256 < 2 x 132): K split in two
     assert expert_config("down", 1, 1024, 4096, 2, bf, dev, False)["SPLIT"] == 2
-    assert expert_config("gate_up", 1, 768, 2048, 8, bf, dev, False)["BLOCK_N"] == 4
+    assert expert_config("gate_up", 1, 768, 2048, 8, bf, dev, False)["BLOCK_N"] == 2   # the H200 sweep
     expert_config.cache_clear()
 
 
