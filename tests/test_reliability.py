@@ -448,7 +448,7 @@ def test_verify_passes_on_a_healthy_model(device):
 
 def test_verify_failure_falls_back_to_stock(monkeypatch, caplog, device):
     """A sabotaged kernel (every fused GEMV 10% off) is caught on first use; from then on stock runs."""
-    import braid_backend.model.step as dec
+    import braid_backend.model.quant_step as dec   # the step's one GEMV dispatch point
 
     model = build_model("tiny-qwen2", dtype=torch.float32, device=device, seed=19)
     ids, cont = toks(model, 2, 6, 191, device), toks(model, 2, 3, 192, device)
