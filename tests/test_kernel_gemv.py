@@ -298,6 +298,8 @@ def test_split_k_heuristic(monkeypatch):
         assert fg.gemv_workspace([(8, 896, 4864, False, False), (8, 4864, 896, True, True)], bf, dev) is made
         assert made == [(56 * 8 * 16 * 16, 56)]   # down's split; gate_up (152 tiles) does not split
         assert fg.gemv_workspace([(1, 896, 4864, False, False)], bf, dev) is None
+        # an empty projection (an all-MoE model's dense MLP, 0 outputs) has no tiles to split
+        assert default_config(4, 0, 2048, bf, True, dev, None, True)["SPLIT_K"] == 1
         assert default_config(8, 896, 4864, bf, False, dev, split_k=False)["SPLIT_K"] == 1   # Tuning(split_k=False)
     finally:
         default_config.cache_clear()

@@ -250,7 +250,7 @@ def _split_k(tiles: int, K: int, block_k: int, sms: int, has_norm: bool, enabled
     results/2026-11-26-h100-s7 runA/runB gemv logs): down (N 896, K 4864, 56 tiles) 13.8 -> 8.4-8.7 us
     at split 5-8; qkv (norm, 36 tiles of 32 x 256) 10.3 -> 9.2 at split 2; o_proj (K 896, 56 tiles)
     4.9 -> 5.5 us at split 4: there the partial-sum round trip costs more than the programs gain."""
-    if not enabled or tiles >= sms or (K < 2048 and not has_norm):
+    if not enabled or tiles <= 0 or tiles >= sms or (K < 2048 and not has_norm):
         return 1
     return max(1, min(MAX_SPLIT_K, -(-4 * sms // tiles), -(-K // (2 * block_k))))
 

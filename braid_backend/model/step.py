@@ -135,10 +135,11 @@ class StepBuffers:
         # split-K partial sums of the projections (None where no launch config splits K); both norm
         # flags of qkv / gate_up because OLMo2-style layers have no pre-norm (another tile config)
         d_attn = st.n_heads * p.head_dim
-        calls = [(M, p.hidden, d_attn, False, False), (M, p.hidden, st.intermediate, False, False),
-                 (M, st.w_lm.shape[0], p.hidden, False, True)]
-        calls += [c for norm in (False, True)
-                  for c in ((M, n_qkv, p.hidden, False, norm), (M, st.intermediate, p.hidden, True, norm))]
+        calls = [(M, p.hidden, d_attn, False, False), (M, st.w_lm.shape[0], p.hidden, False, True)]
+        calls += [(M, n_qkv, p.hidden, False, norm) for norm in (False, True)]
+        if st.intermediate:   # 0 where every layer is a MoE block (no dense MLP to size)
+            calls += [(M, p.hidden, st.intermediate, False, False)]
+            calls += [(M, st.intermediate, p.hidden, True, norm) for norm in (False, True)]
         if moe is not None and st.shared_inter:
             calls += [(M, st.shared_inter, p.hidden, True, False), (M, p.hidden, st.shared_inter, False, False)]
         self.gemv_ws = step_workspace(calls, quant_calls(M, st.gemv_sites()), dt, dev, st.tuning)
