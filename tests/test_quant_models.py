@@ -21,7 +21,7 @@ from braid_backend.kernels.quant_gemv import dequantize
 from braid_backend.model.quant import quant_weight
 from braid_backend.testing.numerics import random_tokens, rel_err, teacher_forced_logits
 from braid_backend.testing.presets import build_model
-from braid_backend.testing.quant_ckpt import load_quantized, write_quant_checkpoint
+from braid_backend.testing.quant_ckpt import dequantized_twin, load_quantized, write_quant_checkpoint
 
 # 128-wide tiny Llamas: K a multiple of every int4 group; BLOCKED puts q, k and v on 128-row FP8 scale blocks
 # (one layer where two add only interpreter time; the FP8-block model keeps two)
@@ -72,21 +72,6 @@ def _asymmetric(path, written, kw, cfg, device):
     return model
 
 
-@torch.no_grad()
-def dequantized(qmodel, cfg, device="cpu"):
-    """The same model with dense fp32 weights: each quantized Linear's dequantize(QuantWeight), every other
-    parameter copied."""
-    ref = build_model(cfg["preset"], dtype=torch.float32, device=device,
-                      **{k: v for k, v in cfg.items() if k not in ("preset", "peaked")})
-    qmods = dict(qmodel.named_modules())
-    for name, mod in ref.named_modules():
-        qm = qmods[name]
-        qw = quant_weight(qm) if isinstance(mod, nn.Linear) else None
-        for pn, p in mod.named_parameters(recurse=False):
-            p.copy_(dequantize(qw) if qw is not None and pn == "weight" else getattr(qm, pn).float())
-    return ref
-
-
 def _storage_bytes(model):
     seen = {}
     for p in model.parameters():
@@ -115,7 +100,7 @@ def test_quantized_checkpoint_patch_and_generate(case, tmp_path):
     fwd_before = vars(q).get("forward")   # compressed-tensors installs its own instance forward
     hooks_before = dict(model._forward_pre_hooks)
     state, nbytes = _state(model), _storage_bytes(model)
-    ref32 = dequantized(model, cfg)
+    ref32 = dequantized_twin(model)
     ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
     V = model.config.vocab_size
     prompt, cont = random_tokens(V, 2, 8, 1, "cpu"), random_tokens(V, 2, 2, 2, "cpu")
@@ -181,7 +166,7 @@ def test_quantized_lm_head(tmp_path):
         head.weight.copy_(w)
         head.weight_scale_inv.copy_(s)
     model.lm_head = head.eval()
-    ref32 = dequantized(model, cfg)
+    ref32 = dequantized_twin(model)
     V = model.config.vocab_size
     prompt, cont = random_tokens(V, 2, 6, 3, "cpu"), random_tokens(V, 2, 2, 4, "cpu")
     l32 = teacher_forced_logits(ref32, prompt, cont)
@@ -307,7 +292,7 @@ def test_gpu_fp8_block_llama_1b_offline(tmp_path):
         assert "finegrained-fp8" in str(e)
     else:
         pytest.skip("stock FineGrainedFP8 runs on this machine (its hub kernel is available)")
-    ref32 = dequantized(model, cfg, "cuda")
+    ref32 = dequantized_twin(model)
     l32 = teacher_forced_logits(ref32, prompt, cont)
     ref16 = ref32.to(torch.bfloat16)
     del ref32

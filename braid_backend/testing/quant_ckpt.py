@@ -14,12 +14,15 @@ only: the FP8Linear modules are what a GPU load gives)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 
 import torch
+from torch import nn
 
-from ..kernels.quant_gemv import pack_int4
+from ..kernels.quant_gemv import dequantize, pack_int4
+from ..model.quant import quant_weight
 from .presets import build_model
 
 FP8_MAX = 448.0
@@ -84,30 +87,32 @@ def _ct_config(fmt: str, group: int, symmetric: bool) -> dict:
 @torch.no_grad()
 def write_quant_checkpoint(path, fmt: str, preset: str = "tiny-llama", group: int = 128, symmetric: bool = True,
                            dtype: torch.dtype = torch.bfloat16, seed: int = 0, peaked: float | None = None,
-                           **config_overrides) -> dict:
+                           device: str | torch.device = "cpu", **config_overrides) -> dict:
     """Write `preset` (random weights) with its decoder projections quantized in `fmt` to folder `path`.
     `peaked`: an untied lm_head made of the embedding rows in a random order times `peaked` (braid-bench's
-    tiny-peaked idea: greedy tokens vary, top-1 margins are clear). Returns {module name: the quantized
-    tensors written} (what a loader must give back)."""
+    tiny-peaked idea: greedy tokens vary, top-1 margins are clear). `device`: where the model is built and
+    quantized (a GPU for real sizes; the same weights as build_model on that device). Returns {module name:
+    the quantized tensors written} (what a loader must give back)."""
     from safetensors.torch import load_file, save_file
 
     if fmt not in ("fp8_block", "fp8_channel", "int4"):
         raise ValueError(f"fmt must be fp8_block, fp8_channel or int4, got {fmt!r}")
     path = str(path)
-    model = build_model(preset, dtype=dtype, seed=seed, **config_overrides)
+    model = build_model(preset, dtype=dtype, device=device, seed=seed, **config_overrides)
     if peaked:
         if model.config.tie_word_embeddings:
             raise ValueError("peaked needs an untied lm_head (tie_word_embeddings=False)")
         perm = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
-        model.lm_head.weight.copy_(model.get_input_embeddings().weight[perm] * peaked)
+        model.lm_head.weight.copy_(model.get_input_embeddings().weight[perm.to(model.device)] * peaked)
     model.save_pretrained(path)
+    del model
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     if len(files) != 1:
         raise RuntimeError(f"expected one safetensors file, found {files}")
     sd = load_file(os.path.join(path, files[0]))
     written = {}
     for name in [n for n in sd if _is_quantized_linear(n)]:
-        w, mod = sd.pop(name), name[:-len(".weight")]
+        w, mod = sd.pop(name).to(device), name[:-len(".weight")]
         if fmt == "fp8_block":
             q, s = quantize_fp8_block(w)
             t = {"weight": q, "weight_scale_inv": s}
@@ -119,8 +124,8 @@ def write_quant_checkpoint(path, fmt: str, preset: str = "tiny-llama", group: in
             t = {"weight_packed": packed, "weight_scale": s, "weight_shape": torch.tensor(list(w.shape))}
             if zp is not None:
                 t["weight_zero_point"] = zp
-        for k, v in t.items():
-            sd[f"{mod}.{k}"] = v.contiguous()
+        t = {k: v.contiguous().cpu() for k, v in t.items()}
+        sd.update({f"{mod}.{k}": v for k, v in t.items()})
         written[mod] = t
     save_file(sd, os.path.join(path, files[0]), metadata={"format": "pt"})
     cfg_path = os.path.join(path, "config.json")
@@ -159,3 +164,25 @@ def load_quantized(path, dtype: torch.dtype = torch.bfloat16, device: str | torc
     with _fp8_on_cpu():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=str(device))
     return model.eval()
+
+
+@torch.no_grad()
+def dequantized_twin(qmodel, dtype: torch.dtype = torch.float32):
+    """The dense model of the same config on the same device: each quantized Linear's dequantised weight (exact
+    in fp32, rounded once to `dtype`), every other parameter copied. The fp32 twin is the reference of a
+    quantized model's logits, the bf16 twin its yardstick (tests/test_quant_models.py, braid-bench --quant)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(qmodel.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    with torch.device(qmodel.device):
+        twin = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    qmods = dict(qmodel.named_modules())
+    for name, mod in twin.named_modules():
+        qm = qmods[name]
+        qw = quant_weight(qm) if isinstance(mod, nn.Linear) else None
+        for pn, p in mod.named_parameters(recurse=False):
+            src = dequantize(qw) if qw is not None and pn == "weight" else getattr(qm, pn)
+            p.copy_(src.float())
+    return twin.eval()
