@@ -228,6 +228,24 @@ def test_fp8_dequantised_at_load_is_patched_dense(tmp_path):
     braid_backend.unpatch(model)
 
 
+def test_int4_decompressed_by_a_stock_forward_is_patched_dense(tmp_path):
+    """After a stock forward compressed-tensors holds dense bf16 weights plus its packed bookkeeping (weight_shape
+    int64): patch() runs the dense weights it now computes with, matching that stock model."""
+    model = _load(tmp_path, "int4", dict(group=32), SMALL)
+    V = model.config.vocab_size
+    prompt, cont = random_tokens(V, 2, 6, 3, "cpu"), random_tokens(V, 2, 2, 4, "cpu")
+    ref32 = dequantized_twin(model)
+    stock = teacher_forced_logits(model, prompt, cont)   # the decompress hook runs here
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    report = braid_backend.patch(model)
+    assert report.ok and "int4" not in str(report), str(report)
+    out = teacher_forced_logits(model, prompt, cont)
+    assert braid_backend.status(model).stats["decode_fused"] >= cont.shape[1]
+    ref = teacher_forced_logits(ref32, prompt, cont)
+    assert rel_err(out, ref) <= 2 * max(rel_err(stock, ref), FLOOR), (rel_err(out, ref), rel_err(stock, ref))
+    braid_backend.unpatch(model)
+
+
 def test_activation_quantized_scheme_is_refused(tmp_path):
     """compressed-tensors W8A8 (dynamic per-token fp8 activations): the kernels would change its numerics."""
     _needs_ct()

@@ -249,6 +249,10 @@ def plan_quant(model: nn.Module, method: str) -> QuantPlan:
                           "cache holds the model dtype")
     mods = quant_modules(model)
     quant_ids = {id(p) for m, _ in mods.values() for n, p in m._parameters.items() if p is not None and n != "bias"}
+    # a module an earlier stock forward decompressed keeps its packed bookkeeping (weight_shape int64, the
+    # zero points) beside the dense weight it now computes with: not read, not a dense dtype
+    quant_ids |= {id(p) for m in model.modules() if hasattr(m, "quantization_scheme") and quant_weight(m) is None
+                  for n, p in m._parameters.items() if p is not None and n != "weight" and not p.is_floating_point()}
     dense = {p.dtype for p in model.parameters() if id(p) not in quant_ids}
     if len(dense) != 1 or next(iter(dense)) not in (torch.float32, torch.bfloat16, torch.float16):
         raise Unsupported(f"parameters outside the quantized Linears have dtypes {sorted(map(str, dense))}: need one "
