@@ -27,6 +27,7 @@ from . import report
 from .child import _BarLines, _failure_reason, _units, log_excerpt, run_child
 from .collect import (COLD_VARIANTS, add_chat_ratios, add_ratios, collect_chat, collect_rows, collect_samples,
                       collect_ttft, cold_section, run_cold, warm_cache_state)
+from .quant import ALL_QUANT_VARIANTS, QUANT, parse_quant_list, quant_variants, split_variant
 from .runner import INTERPRET_NOTE
 from .timing import PROGRESS
 
@@ -113,12 +114,20 @@ def _variant_list(s):
         return list(VARIANTS)
     out = []
     for v in (p.strip() for p in s.split(",")):
-        if v not in VARIANTS + TEST_VARIANTS:
-            raise argparse.ArgumentTypeError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)} (or 'all')")
+        if v not in VARIANTS + ALL_QUANT_VARIANTS + TEST_VARIANTS:
+            raise argparse.ArgumentTypeError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)} (or 'all'), "
+                                             f"or stock-Q / braid-Q with Q in {', '.join(QUANT)}")
         out.append(v)
     if not out:
         raise argparse.ArgumentTypeError("no variants given")
     return list(dict.fromkeys(out))
+
+
+def _quant_list(s):
+    try:
+        return parse_quant_list(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 if any variant/batch, TTFT length, chat call or cold run did not finish ok")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the variant subprocesses' full output")
     p.add_argument("--no-bar", action="store_true", help="no progress bar (the progress lines still print)")
+    p.add_argument("--quant", type=_quant_list, default=[], metavar="Q1,Q2,...",
+                   help="also run the model quantized into these checkpoint formats, stock-Q and braid-Q each "
+                        f"({'; '.join(f'{k}: {v[2]}' for k, v in QUANT.items())}); see braid_backend/bench/quant.py")
     p.add_argument("--tp", type=_positive("--tp"), default=1,
                    help="tensor parallelism over N local GPUs (gloo processes on CPU): stock HF TP vs braid TP, "
                         "through torchrun and transformers' tp_plan='auto' (see braid_backend/bench/tp.py)")
@@ -227,8 +239,13 @@ def resolve(args, parser) -> tuple[dict, list[str]]:
     if cpu:
         notes.append(INTERPRET_NOTE)
         notes.append("CPU run: no copy bandwidth (% of BW limit) and no peak GPU memory")
+    variants = list(dict.fromkeys((args.variants or list(DEFAULT_VARIANTS)) + quant_variants(args.quant)))
+    if args.tp > 1 and any(split_variant(v)[1] for v in variants):
+        parser.error("--quant and the stock-Q / braid-Q variants run on one GPU (not with --tp)")
+    if any(split_variant(v)[1] for v in variants) and args.dtype == "fp32":
+        parser.error("quantized variants need --dtype bf16 or fp16 (their activations and scales are 16-bit)")
     s.update(model=model, requested_model=requested, model_source=source, device=device,
-             dtype=args.dtype, variants=args.variants or list(DEFAULT_VARIANTS), check=args.check,
+             dtype=args.dtype, variants=variants, check=args.check,
              agreement=not args.no_agreement, seed=args.seed, timeout=args.timeout, prompts=args.prompts,
              ttft_prompts=args.ttft_prompts, chat=chat, cold=args.cold)
     return s, notes
@@ -276,6 +293,9 @@ def check_notes(rows, dtype) -> list[str]:
         out.append("fp32 run: the stock fp32 model is the fp32 reference itself (its error is 0), so the logits "
                    "column shows each variant's own relative error against it, with no ratio to stock (the "
                    "2x-of-stock rule needs a bf16/fp16 run)")
+    if any(r.get("quant") and r.get("correctness") for r in rows):
+        out.append("stock-Q / braid-Q rows: logits error against the fp32 model with the dequantised weights, next to "
+                   "(x ratio to) the same weights rounded to the run's dtype; greedy agreement with that model's tokens")
     vacuous = sorted({f"{r['variant']} b={r['batch']}" for r in rows if r.get("agreement_vacuous")})
     if vacuous:
         out.append(f"greedy agreement is vacuous for {', '.join(vacuous)}: stock repeats one token in every "

@@ -7,6 +7,7 @@ import os
 import tempfile
 
 from .child import _failure_reason, run_child
+from .quant import split_variant
 from .schema import CHAT_PROPERTIES, ROW_KEYS, TTFT_PROPERTIES, decode_weight_bytes
 
 # Variants with compiled kernels whose first call --cold repeats with empty caches (stock compiles nothing).
@@ -25,7 +26,7 @@ def _blank_row(variant, batch):
 def collect_rows(variant: str, s: dict, res: dict, facts_box: dict) -> list[dict]:
     meta = next((r for r in res["records"] if r.get("type") == "meta"), None)
     got = {r["batch"]: r for r in res["records"] if r.get("type") == "row"}
-    if meta and not facts_box.get("facts"):
+    if meta and not facts_box.get("facts") and split_variant(variant)[1] is None:   # the dense model's facts
         facts_box["facts"] = meta["model"]
     failed = res["timed_out"] or res["returncode"] != 0
     reason = _failure_reason(res, s["timeout"]) if failed else None

@@ -11,15 +11,19 @@ import torch
 
 PEAKED = "tiny-peaked"
 BASE = "tiny-qwen2"
+# 128 wide, 2 heads of 64 (q, k, v 128 rows each), inter 256: every --quant format's 128x128 blocks and
+# groups fit (bench/quant.py)
+SHAPE = dict(tie_word_embeddings=False, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+             num_key_value_heads=2)
 LM_HEAD_SCALE = 8.0   # top logits ~5-13; top-1 margins mostly 1-9 (the bf16 spacing there is 0.03-0.06)
-BENCH_PRESETS = {PEAKED: f"{BASE}, untied lm_head = the embedding rows permuted x {LM_HEAD_SCALE:g}: "
+BENCH_PRESETS = {PEAKED: f"{BASE} at 128 wide, untied lm_head = the embedding rows permuted x {LM_HEAD_SCALE:g}: "
                          "greedy tokens vary and top-1 margins are clear"}
 
 
 def build_peaked(dtype: torch.dtype = torch.bfloat16, device="cpu", seed: int = 0) -> torch.nn.Module:
     from ..testing.presets import build_model
 
-    model = build_model(BASE, dtype=torch.float32, seed=seed, tie_word_embeddings=False)
+    model = build_model(BASE, dtype=torch.float32, seed=seed, **SHAPE)
     perm = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         model.lm_head.weight.copy_(model.get_input_embeddings().weight[perm] * LM_HEAD_SCALE)

@@ -58,6 +58,9 @@ def _variant_cell(row):
 
 def _status_cell(row):
     if row["status"] == "ok":
+        pd = (row.get("patch") or {}).get("dict") or {}
+        if pd.get("ok") is False:   # patch() refused: this row timed the stock model
+            return "ok, LEFT STOCK: " + str(pd.get("reason") or "?")[:60]
         return "ok"
     if row["status"] == "crashed":
         return f"crashed ({row.get('reason') or row.get('returncode')})"

@@ -33,6 +33,7 @@ from ..tuning import interpret_mode
 from .checks import finish_check, stock_check
 from .latency import chat_latency, cold_first_call, ttft_sweep
 from .probe import probe
+from .quant import QUANT, dense_twins, load_quant_model, split_variant
 from .prompts import batch_prompts, load_tokenizer, text_prompts
 from .schema import decode_weight_bytes
 from .timing import Timer, format_error, make_generate, progress, time_batch
@@ -113,17 +114,22 @@ def setup(spec: dict):
     from .presets import load_model
 
     variant = spec["variant"]
+    base, quant = split_variant(variant)
     torch.set_grad_enabled(False)
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
     dtype = getattr(torch, DTYPES[spec["dtype"]])
-    c = types.SimpleNamespace(variant=variant, device=device, timer=Timer(device), notes=[], extra={})
+    c = types.SimpleNamespace(variant=variant, base=base, quant=quant, device=device, timer=Timer(device), notes=[],
+                              extra={})
     if interpret_mode():
         c.notes.append(INTERPRET_NOTE)
 
     progress(f"{variant}: loading {spec['model']} ({spec['dtype']}, {device})")
     t0 = time.perf_counter()
     c.model = load_model(spec["model"], dtype=dtype, device=device)
+    if quant:
+        progress(f"{variant}: writing and loading the {quant} checkpoint")
+        c.model = load_quant_model(c.model, quant, c.notes)
     c.load_s = time.perf_counter() - t0
     c.facts = model_facts(c.model, torch.empty((), dtype=dtype).element_size())
     batches = spec["batch_sizes"]
@@ -147,7 +153,13 @@ def setup(spec: dict):
 
     # One small stock forward first, so every variant's first call is measured with the device, its
     # libraries (cuBLAS, SDPA) and allocator already up: first-call overhead is then the variant's own.
-    c.model(input_ids=c.prompts[batches[0]][0][:1, :8], use_cache=False)
+    # Not for a quantized model: a stock forward of compressed-tensors decompresses its weights for good (the
+    # checks' reference reads them quantized, braid-Q patches them so), and stock FineGrainedFP8 raises offline.
+    if quant is None:
+        c.model(input_ids=c.prompts[batches[0]][0][:1, :8], use_cache=False)
+    elif base == "stock" and QUANT[quant][0] != "fp8_block":
+        c.notes.append(f"stock-{quant}: compressed-tensors decompresses every weight to dense on the first forward "
+                       "(transformers' hook), so these rows time the dense model it leaves")
     c.timer.sync()
     return c
 
@@ -155,11 +167,11 @@ def setup(spec: dict):
 def apply_patch(c) -> dict | None:
     """braid_backend.patch() for the braid variants (BRAID_VARIANTS: graphs off for braid-eager, a forced
     decode-layer backend for braid-triton / braid-cupy, the defaults for braid)."""
-    if c.variant not in BRAID_VARIANTS:
+    if c.base not in BRAID_VARIANTS:
         return None
     import braid_backend
 
-    opts = BRAID_VARIANTS[c.variant]
+    opts = BRAID_VARIANTS[c.base]
     graphs = opts.get("graphs", True)
     progress(f"{c.variant}: braid_backend.patch(model{''.join(f', {k}={v!r}' for k, v in opts.items())})")
     report, patch_s = c.timer(lambda: braid_backend.patch(c.model, **opts))
@@ -204,25 +216,30 @@ def run_variant(spec: dict, emit: Emitter) -> None:
 
     # Correctness inputs from the stock model, before anything changes it.
     check_batches = {"first": batches[:1], "all": batches, "none": []}[spec["check"]]
-    checks = {}
-    if variant in CHECKED:
+    checks, ref_tokens, agree = {}, {}, spec.get("agreement", True)
+    # a quantized variant's reference is the fp32 model with its dequantised weights, its yardstick (and
+    # greedy reference) the same weights in the run's dtype (bench/quant.py)
+    twins = dense_twins(model, model.dtype) if c.quant and ((c.base in CHECKED and check_batches) or agree) else None
+    if c.base in CHECKED:
         for b in check_batches:
             progress(f"{variant}: fp32 reference logits (batch {b})")
             try:
-                checks[b] = stock_check(model, vocab, b, spec, device)
+                checks[b] = stock_check(model, vocab, b, spec, device, twins)
             except Exception as e:  # the check must not cost the timing
                 checks[b] = {"batch": b, "error": format_error(e)}
             _free(device)
-    ref_tokens = {}
-    if (variant == "hf-static" or variant in BRAID_VARIANTS) and spec.get("agreement", True):
-        ref_tokens = _load_tokens(spec.get("ref_tokens"))   # the stock variant's own output, when it ran first
+    if (variant == "hf-static" or c.base in BRAID_VARIANTS or c.quant) and agree:
+        # the stock variant's own output, when it ran first (not the quantized weights' reference)
+        ref_tokens = {} if c.quant else _load_tokens(spec.get("ref_tokens"))
         for b in batches:
             if b in ref_tokens and tuple(ref_tokens[b].shape) == (b, spec["new_tokens"]):
                 continue
-            progress(f"{variant}: stock greedy tokens for agreement (batch {b})")
+            progress(f"{variant}: {'dequantised' if c.quant else 'stock'} greedy tokens for agreement (batch {b})")
             ids, mask = prompts[b]
-            out = make_generate(model, ids, {}, mask)(spec["new_tokens"])
+            out = make_generate(twins[1] if c.quant else model, ids, {}, mask)(spec["new_tokens"])
             ref_tokens[b] = out[:, ids.shape[1]:].cpu()
+    twins = None
+    _free(device)
     my_tokens = {}
 
     patch_info = apply_patch(c)
@@ -240,7 +257,7 @@ def run_variant(spec: dict, emit: Emitter) -> None:
         mean_ctx = ids.shape[1] + spec["new_tokens"] / 2  # context read by the average decode step
         row = {"type": "row", "variant": variant, "batch": b, "status": "ok", "error": None,
                "bytes_per_step": int(decode_weight_bytes(facts, b) + facts["kv_bytes_per_token"] * b * mean_ctx),
-               "correctness": checks.get(b), "greedy_agreement": None, "sample": None}
+               "correctness": checks.get(b), "greedy_agreement": None, "sample": None, "quant": c.quant}
         if row["correctness"] is not None:
             row["correctness"] = {k: v for k, v in row["correctness"].items() if k != "_ref"}
         try:
@@ -271,7 +288,7 @@ def run_variant(spec: dict, emit: Emitter) -> None:
         if chk is not None and "error" not in chk:
             progress(f"{label}: teacher-forced logits check")
             try:
-                chk = finish_check(model, vocab, chk, spec, device, patched=patch_info is not None)
+                chk = finish_check(model, vocab, chk, spec, device, own=patch_info is not None or bool(c.quant))
             except Exception as e:
                 chk = {"batch": b, "stock_err": chk.get("stock_err"), "error": format_error(e)}
             row["correctness"] = chk

@@ -73,7 +73,8 @@ ROW_PROPERTIES: dict[str, dict] = {
 ROW_KEYS = tuple(ROW_PROPERTIES)
 # optional (added within schema 3): true when stock's greedy tokens, the agreement reference, repeat one
 # token in every sequence, so greedy_agreement checks next to nothing
-OPTIONAL_ROW_PROPERTIES = {"agreement_vacuous": {"type": ["boolean", "null"]}}
+# quant: the --quant format of a stock-Q / braid-Q row (bench/quant.py), null elsewhere
+OPTIONAL_ROW_PROPERTIES = {"agreement_vacuous": {"type": ["boolean", "null"]}, "quant": {"type": ["string", "null"]}}
 ENV_KEYS = ("gpu_name", "driver", "torch", "transformers", "triton", "python", "date", "hostname", "args")
 
 ROW_SCHEMA = {

@@ -91,21 +91,26 @@ def write_quant_checkpoint(path, fmt: str, preset: str = "tiny-llama", group: in
     """Write `preset` (random weights) with its decoder projections quantized in `fmt` to folder `path`.
     `peaked`: an untied lm_head made of the embedding rows in a random order times `peaked` (braid-bench's
     tiny-peaked idea: greedy tokens vary, top-1 margins are clear). `device`: where the model is built and
-    quantized (a GPU for real sizes; the same weights as build_model on that device). Returns {module name:
-    the quantized tensors written} (what a loader must give back)."""
-    from safetensors.torch import load_file, save_file
-
-    if fmt not in ("fp8_block", "fp8_channel", "int4"):
-        raise ValueError(f"fmt must be fp8_block, fp8_channel or int4, got {fmt!r}")
-    path = str(path)
+    quantized. Returns {module name: the quantized tensors written} (what a loader must give back)."""
     model = build_model(preset, dtype=dtype, device=device, seed=seed, **config_overrides)
     if peaked:
         if model.config.tie_word_embeddings:
             raise ValueError("peaked needs an untied lm_head (tie_word_embeddings=False)")
         perm = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed))
         model.lm_head.weight.copy_(model.get_input_embeddings().weight[perm.to(model.device)] * peaked)
-    model.save_pretrained(path)
-    del model
+    return save_quantized(model, path, fmt, group, symmetric)
+
+
+@torch.no_grad()
+def save_quantized(model, path, fmt: str, group: int = 128, symmetric: bool = True) -> dict:
+    """Save a dense model to folder `path` with its decoder projections quantized in `fmt` (on the model's
+    device; scales in the model's dtype where the format has a choice). Returns what write_quant_checkpoint does."""
+    from safetensors.torch import load_file, save_file
+
+    if fmt not in ("fp8_block", "fp8_channel", "int4"):
+        raise ValueError(f"fmt must be fp8_block, fp8_channel or int4, got {fmt!r}")
+    path, device, dtype = str(path), model.device, model.dtype
+    model.save_pretrained(path, max_shard_size="1000GB")   # one file: the names below change in place
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     if len(files) != 1:
         raise RuntimeError(f"expected one safetensors file, found {files}")
