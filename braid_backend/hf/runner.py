@@ -268,7 +268,7 @@ class HFRunner:
         model's current weights."""
         s = self.session
         if s.owns(cache):
-            w = model.get_output_embeddings().weight
+            w = model.get_input_embeddings().weight   # always dense (a quantized lm_head may have no .weight)
             if cache.dtype != w.dtype or cache.k[0].device != w.device:
                 raise RuntimeError(
                     f"braid: this cache was filled for {cache.dtype} on {cache.k[0].device}, but the model is now "

@@ -105,7 +105,7 @@ class BraidCache(Cache):
     """One static buffer per layer; `seen` (a host int) is the number of filled positions.
 
     `row0` (a host int, 0 but inside `rows()`) is the first cache row that a forward of B sequences
-    writes: the eager prefill of a large batch runs a group of rows at a time (hf/generate.py)."""
+    writes: the eager prefill of a large batch runs a group of rows at a time (hf/runner.py)."""
 
     def __init__(self, num_layers: int, batch_capacity: int, n_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device, owner_id: int = 0):

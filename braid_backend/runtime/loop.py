@@ -1,7 +1,7 @@
 """The K-step device loop: K decode steps per CUDA-graph replay, token selection and EOS tracking on
 the device, the host looking only once per K steps.
 
-It drives any DecodeStep (runtime/interface.py). hf/generate.py plugs it into HF's generate() (prefill,
+It drives any DecodeStep (runtime/interface.py). hf/runner.py plugs it into HF's generate() (prefill,
 the selection config from HF's processors, the returned object); this file knows no HF class.
 """
 from __future__ import annotations
