@@ -74,6 +74,37 @@ if triton is not None:
         tl.store(out_ptr + rows * stride_om + offs_n[None, :], y.to(DT), mask=mask)
 
     @triton.jit
+    def _finish_tile(acc_g, acc_u, pid_m, pid_n, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                     stride_om, res_scale, ws_ptr, cnt_ptr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                     HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, BF16_FIX: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NACC: tl.constexpr):
+        """A tensor-core tile's end (fused_gemv and quant_gemv): the epilogue, or with SPLIT_K > 1 fp32 partials
+        of which the last arrival sums all, in split order, then runs the epilogue and resets the counter."""
+        if SPLIT_K == 1:
+            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                      stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
+        else:
+            # workspace: per tile SPLIT_K consecutive (BLOCK_M, BLOCK_N) fp32 slabs (x2 with act)
+            TILE = BLOCK_M * BLOCK_N * NACC
+            tile = pid_m * tl.num_programs(1) + pid_n
+            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            mine = ws_ptr + (tile * SPLIT_K + tl.program_id(2)).to(tl.int64) * TILE
+            tl.store(mine + loc, acc_g)
+            if ACT != 0:
+                tl.store(mine + BLOCK_M * BLOCK_N + loc, acc_u)
+            if arrive_last(cnt_ptr + tile, SPLIT_K):
+                first = ws_ptr + (tile * SPLIT_K).to(tl.int64) * TILE
+                acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for s in range(SPLIT_K):   # split order, whoever arrives last: deterministic sums
+                    acc_g += tl.load(first + s * TILE + loc, cache_modifier=".cg")
+                    if ACT != 0:
+                        acc_u += tl.load(first + s * TILE + BLOCK_M * BLOCK_N + loc, cache_modifier=".cg")
+                _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                          stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
+                tl.atomic_xchg(cnt_ptr + tile, 0)   # kernels sharing the counters run after this one
+
+    @triton.jit
     def _row_rsqrt(x_ptr, offs_m, M, K, stride_xm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """rsqrt(mean(x^2) + eps) for rows offs_m. x is tiny and L2-resident, so every program
         recomputing it is cheaper than a separate launch."""
@@ -208,29 +239,9 @@ if triton is not None:
                     acc_u = tl.dot(h, wu, acc_u, input_precision="ieee")
                 else:
                     acc_u = tl.dot(h, wu, acc_u)
-        if SPLIT_K == 1:
-            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
-                      stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
-        else:
-            # workspace: per tile SPLIT_K consecutive (BLOCK_M, BLOCK_N) fp32 slabs (x2 with act)
-            TILE = BLOCK_M * BLOCK_N * NACC
-            tile = pid_m * tl.num_programs(1) + pid_n
-            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            mine = ws_ptr + (tile * SPLIT_K + tl.program_id(2)).to(tl.int64) * TILE
-            tl.store(mine + loc, acc_g)
-            if ACT != 0:
-                tl.store(mine + BLOCK_M * BLOCK_N + loc, acc_u)
-            if arrive_last(cnt_ptr + tile, SPLIT_K):
-                first = ws_ptr + (tile * SPLIT_K).to(tl.int64) * TILE
-                acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for s in range(SPLIT_K):   # split order, whoever arrives last: deterministic sums
-                    acc_g += tl.load(first + s * TILE + loc, cache_modifier=".cg")
-                    if ACT != 0:
-                        acc_u += tl.load(first + s * TILE + BLOCK_M * BLOCK_N + loc, cache_modifier=".cg")
-                _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
-                          stride_om, res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
-                tl.atomic_xchg(cnt_ptr + tile, 0)   # kernels sharing the counters run after this one
+        _finish_tile(acc_g, acc_u, pid_m, pid_n, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                     stride_om, res_scale, ws_ptr, cnt_ptr, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX, SPLIT_K,
+                     BLOCK_M, BLOCK_N, NACC)
 
 
 # -------------------------------------------------------------------------------------- heuristics

@@ -37,8 +37,8 @@ from ._common import (BF16_RNE_FIX, DOT_UPCAST, Tuning, check_norm_mode, interpr
 from .fused_gemv import _ACTS, GemvWorkspace, _check_2d, _split_k, _split_need, fused_gemv_reference
 
 if triton is not None:
-    from ._common import apply_norm, arrive_last, pdl_wait, round_to
-    from .fused_gemv import _epilogue, _row_rsqrt
+    from ._common import apply_norm, pdl_wait, round_to
+    from .fused_gemv import _epilogue, _finish_tile, _row_rsqrt
 
 FORMATS = ("fp8_block", "fp8_channel", "fp8_tensor", "int4")
 _SMODE = {"fp8_tensor": 0, "fp8_channel": 1, "fp8_block": 2, "int4": 3}
@@ -366,28 +366,9 @@ if triton is not None:
             if ACT != 0:
                 acc_u = acc_u * tl.load(s_ptr + (offs_n + N_OUT) * stride_s * SMODE, mask=offs_n < N_OUT,
                                         other=0.0).to(tl.float32)[None, :]
-        if SPLIT_K == 1:
-            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr, stride_om,
-                      res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
-        else:   # fused_gemv's split-K protocol: fp32 partials, the last arrival sums them in split order
-            TILE = BLOCK_M * BLOCK_N * NACC
-            tile = pid_m * tl.num_programs(1) + pid_n
-            loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            mine = ws_ptr + (tile * SPLIT_K + tl.program_id(2)).to(tl.int64) * TILE
-            tl.store(mine + loc, acc_g)
-            if ACT != 0:
-                tl.store(mine + BLOCK_M * BLOCK_N + loc, acc_u)
-            if arrive_last(cnt_ptr + tile, SPLIT_K):
-                first = ws_ptr + (tile * SPLIT_K).to(tl.int64) * TILE
-                acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for s in range(SPLIT_K):
-                    acc_g += tl.load(first + s * TILE + loc, cache_modifier=".cg")
-                    if ACT != 0:
-                        acc_u += tl.load(first + s * TILE + BLOCK_M * BLOCK_N + loc, cache_modifier=".cg")
-                _epilogue(acc_g, acc_u, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr, stride_om,
-                          res_scale, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
+        _finish_tile(acc_g, acc_u, pid_m, pid_n, offs_m, offs_n, M, N_OUT, b_ptr, res_ptr, stride_rm, out_ptr,
+                     stride_om, res_scale, ws_ptr, cnt_ptr, HAS_BIAS, ACT, HAS_RES, HAS_SCALE, BF16_FIX, SPLIT_K,
+                     BLOCK_M, BLOCK_N, NACC)   # fused_gemv's epilogue / split-K protocol
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_s, stride_z, SMODE: tl.constexpr,
