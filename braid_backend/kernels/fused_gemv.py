@@ -373,6 +373,28 @@ def gemv_workspace(calls, dtype: torch.dtype, device, tuning: Tuning | None = No
 
 
 # ---------------------------------------------------------------------------------------- launcher
+def check_operands(x, N: int, act, bias, norm_weight, residual, res_scale, out) -> tuple[int, torch.Tensor]:
+    """The operands around an (N, K) weight (fused_gemv and quant_gemv): (n_out, out), `out` allocated if None."""
+    M, K = x.shape
+    _check_2d("x", x, (M, K))
+    if act is not None and N % 2:
+        raise ValueError("packed gate|up weight must have an even number of rows")
+    n_out = N // 2 if act is not None else N
+    if bias is not None:
+        _check_2d("bias", bias, (N,))
+    if norm_weight is not None:
+        _check_2d("norm_weight", norm_weight, (K,))
+    if residual is not None:
+        _check_2d("residual", residual, (M, n_out), x.dtype)
+    if res_scale is not None and residual is None:
+        raise ValueError("res_scale scales what is added to residual: give residual too")
+    if out is None:
+        out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    else:
+        _check_2d("out", out, (M, n_out), x.dtype)
+    return n_out, out
+
+
 def _check_2d(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -407,25 +429,10 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | No
     N = weight.shape[0]
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {x.dtype}")
-    _check_2d("x", x, (M, K))
     _check_2d("weight", weight, (N, K), x.dtype)
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous (nn.Linear layout)")
-    if act is not None and N % 2:
-        raise ValueError("packed gate|up weight must have an even number of rows")
-    n_out = N // 2 if act is not None else N
-    if bias is not None:
-        _check_2d("bias", bias, (N,))
-    if norm_weight is not None:
-        _check_2d("norm_weight", norm_weight, (K,))
-    if residual is not None:
-        _check_2d("residual", residual, (M, n_out), x.dtype)
-    if res_scale is not None and residual is None:
-        raise ValueError("res_scale scales what is added to residual: give residual too")
-    if out is None:
-        out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
-    else:
-        _check_2d("out", out, (M, n_out), x.dtype)
+    n_out, out = check_operands(x, N, act, bias, norm_weight, residual, res_scale, out)
     if M == 0 or n_out == 0:
         return out
 

@@ -34,7 +34,8 @@ import torch
 
 from ._common import (BF16_RNE_FIX, DOT_UPCAST, Tuning, check_norm_mode, interpret_mode, launch, next_pow2,
                       num_sms, pdl_launch_kwargs, require, tl, triton)
-from .fused_gemv import _ACTS, GemvWorkspace, _check_2d, _split_k, _split_need, fused_gemv_reference
+from .fused_gemv import (_ACTS, GemvWorkspace, _check_2d, _split_k, _split_need, check_operands,
+                         fused_gemv_reference)
 
 if triton is not None:
     from ._common import apply_norm, pdl_wait, round_to
@@ -479,20 +480,7 @@ def quant_gemv(x: torch.Tensor, qw: QuantWeight, *, bias: torch.Tensor | None = 
     require(K == Kw, f"x has K={K}, the weight {Kw}")
     require(x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {x.dtype}")
     require(qw.device == x.device, f"weight on {qw.device}, x on {x.device}")
-    _check_2d("x", x, (M, K))
-    require(act is None or N % 2 == 0, "packed gate|up weight must have an even number of rows")
-    n_out = N // 2 if act is not None else N
-    if bias is not None:
-        _check_2d("bias", bias, (N,))
-    if norm_weight is not None:
-        _check_2d("norm_weight", norm_weight, (K,))
-    if residual is not None:
-        _check_2d("residual", residual, (M, n_out), x.dtype)
-    require(res_scale is None or residual is not None, "res_scale scales what is added to residual: give residual too")
-    if out is None:
-        out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
-    else:
-        _check_2d("out", out, (M, n_out), x.dtype)
+    n_out, out = check_operands(x, N, act, bias, norm_weight, residual, res_scale, out)
     if M == 0 or n_out == 0:
         return out
     path = config.get("path") if config else None
