@@ -3,6 +3,8 @@
 #   bash scripts/gpu_check.sh                 # everything
 #   STAGES="tests bench" bash scripts/gpu_check.sh
 #   STAGES="env test-reliability breakdown bench test-kernel" BENCH_MODELS="qwen2.5-0.5b:1:braid" bash scripts/gpu_check.sh
+#   STAGES=bench BENCH_MODELS="llama-3.1-8b:1,16:stock,braid,braid-fp8,braid-int4" bash scripts/gpu_check.sh  # issue #24
+#   STAGES=bench BENCH_MODELS="mixtral-8x7b:1,16:stock,braid" BENCH_ARGS="--check none" bash scripts/gpu_check.sh  # #23
 #   BENCH_ARGS="--ttft-prompts 128,2048" PROMPT=8000 NEW=64 TAG=-8k: extra braid-bench flags, lengths, a
 #   suffix for the result folder (stage cold: scripts/cold_start_gpu.sh)
 # Results land in $OUT (the device tool's output folder) or ./gpu-out: one tarball of everything
@@ -36,12 +38,14 @@ for s in $STAGES; do
   tests|test-*)
     # one pytest per group, each with its own time limit and log, published as soon as it ends;
     # stage "test-<group>" runs one group (so groups can interleave with other stages)
-    groups=${TEST_GROUPS:-kernel reliability gpu families optimum}
+    groups=${TEST_GROUPS:-kernel reliability gpu families moe quant optimum}
     [ "${s#test-}" != "$s" ] && groups=${s#test-}
     for grp in $groups; do
       stage "tests $grp"
       case $grp in
-        kernel) files="tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope_cache.py tests/test_kernel_attention.py tests/test_kernel_greedy_select.py"; sel="" ;;
+        kernel) files="tests/test_kernel_gemv.py tests/test_kernel_rmsnorm.py tests/test_kernel_rope_cache.py tests/test_kernel_attention.py tests/test_kernel_attention_sinks.py tests/test_kernel_greedy_select.py tests/test_kernel_moe.py tests/test_kernel_quant_gemv.py"; sel="" ;;
+        moe) files=tests/test_moe_families.py; sel="-m gpu" ;;
+        quant) files=tests/test_quant_models.py; sel="-m gpu" ;;
         reliability) files=tests/test_gpu_reliability.py; sel="-m gpu" ;;
         gpu) files=tests/test_gpu.py; sel="-m gpu" ;;
         families) files=tests/test_families.py; sel="-m gpu" ;;
