@@ -36,7 +36,7 @@ from .compat import cache_kwarg_name, pop_cache_kwarg, stock_forward, stock_gene
 from .routing import (DECODE_FUSED, DECODE_GRAPH, GRAD_MODE, HF_LOOP, PREFILL_EAGER, PREFILL_GRAPH, STOCK,
                       decode_loop_route, forward_route, generate_route, maskless_reason, prefill_route, route)
 from .select import max_length_of
-from .verify import verify_patch
+from .verify import Verifier
 
 log = logging.getLogger("braid_backend")
 
@@ -326,7 +326,7 @@ class HFRunner:
             if s.status.verified:
                 return
             s.status.verified = True  # before running: the check itself goes through this forward
-            verify_patch(s, model, input_ids, attention_mask, patched=lambda **kw: self.forward(**kw))
+            Verifier(s).run(model, input_ids, attention_mask, patched=lambda **kw: self.forward(**kw))
 
 
 # -- helpers that need no session ------------------------------------------------------------------
