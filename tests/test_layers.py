@@ -147,8 +147,9 @@ def no_gc():
         gc.enable()
 
 
-def test_del_model_frees_everything_without_gc(no_gc):
-    model = build_model("tiny-qwen2", dtype=torch.float32, seed=4)
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3-moe"])   # the MoE step holds its own workspace
+def test_del_model_frees_everything_without_gc(no_gc, preset):
+    model = build_model(preset, dtype=torch.float32, seed=4)
     assert braid_backend.patch(model, graph_steps=2).ok
     _exercise(model)
     s = model._braid_session   # internals: weak references to everything the session holds
