@@ -15,10 +15,16 @@ from braid_backend.kernels.quant_gemv import (QuantWeight, concat_quant, dequant
 
 DEV = KERNEL_DEV
 pytestmark = pytest.mark.skipif(not KERNELS_USABLE, reason=KERNELS_WHY or "no triton")
-FMTS = ["fp8_block", "fp8_channel", "fp8_tensor", "int4_g32", "int4_g64_asym", "int4_g128"]
+FMTS = ["fp8_block", "fp8_channel", "fp8_tensor", "int4_g32", "int4_g64_asym", "int4_g128", "lut4_g64"]
 
 
-def make_qw(fmt, N, K, seed, scale_range=(1e-3, 1e-2), zero_rows=0, scale_dtype=torch.float32):
+def bnb_bytes(nib):
+    """bitsandbytes' 4-bit layout of (N, K) nibbles as int32 words (N, K/8): element 2j in byte j's high nibble."""
+    b = ((nib[:, 0::2] << 4) | nib[:, 1::2]).to(torch.uint8)
+    return b.contiguous().view(torch.int32)
+
+
+def make_qw(fmt, N, K, seed, scale_range=(1e-3, 1e-2), zero_rows=0, scale_dtype=torch.float32, lut_seed=0):
     """A random QuantWeight; fmt 'int4_g<g>[_asym]' or an fp8 format. zero_rows: rows of all-zero values."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = (torch.tensor(v).log() for v in scale_range)
@@ -26,6 +32,15 @@ def make_qw(fmt, N, K, seed, scale_range=(1e-3, 1e-2), zero_rows=0, scale_dtype=
     def scales(*shape):
         return (torch.rand(*shape, generator=g) * (hi - lo) + lo).exp().to(scale_dtype)
 
+    if fmt.startswith("lut4"):   # a random value table (NF4 / FP4 are particular ones), bnb byte order
+        group = int(fmt.split("_")[1][1:])
+        lut = torch.sort(torch.rand(16, generator=torch.Generator().manual_seed(lut_seed)) * 2 - 1).values
+        nib = torch.randint(0, 16, (N, K), generator=g)
+        if zero_rows:
+            lut[7] = 0.0
+            nib[:zero_rows] = 7
+        return QuantWeight("int4", bnb_bytes(nib).to(DEV), scales(N, K // group).to(DEV), (N, K), group_size=group,
+                           lut=lut.to(DEV))
     if fmt.startswith("int4"):
         group = int(fmt.split("_")[1][1:])
         nib = torch.randint(0, 16, (N, K), generator=g)
@@ -107,7 +122,7 @@ def test_formats(fmt, path):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("fmt", ["fp8_block", "int4_g32"])
+@pytest.mark.parametrize("fmt", ["fp8_block", "int4_g32", "lut4_g64"])
 def test_fused_options(fmt, case):
     """Prologue / epilogue combinations on the gemv path (M 1) and the tc path (M 17, two row tiles)."""
     i = list(CASES).index(case)
@@ -116,14 +131,14 @@ def test_fused_options(fmt, case):
     run_case(17, n_out, 128, torch.bfloat16, fmt, CASES[case], {"path": "tc"}, seed=20 + i)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_channel", "int4_g64_asym"])
+@pytest.mark.parametrize("fmt", ["fp8_channel", "int4_g64_asym", "lut4_g64"])
 def test_fp32_and_fp16(fmt):
     run_case(2, 33, 192, torch.float32, fmt, dict(norm=0, act="silu_mul"), {"path": "gemv"}, seed=3)
     run_case(5, 33, 192, torch.float32, fmt, dict(residual="separate"), {"path": "tc", "BLOCK_K": 64}, seed=4)
     run_case(3, 20, 192, torch.float16, fmt, dict(bias=True, residual="inplace"), None, seed=5)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_tensor", "int4_g128"])
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_tensor", "int4_g128", "lut4_g64"])
 def test_extreme_scales_and_zero_blocks(fmt):
     """Scales from 1e-12 to 1e12 (fp32) and bf16 scales at their ends, plus all-zero rows / blocks."""
     for i, (rng, sdt) in enumerate([((1e-12, 1e12), torch.float32), ((1e-30, 1e-25), torch.float32),
@@ -166,7 +181,7 @@ def test_split_k_and_workspace():
 def test_concat_quant():
     """q|k|v and gate|up packing: the concatenation dequantises to the concatenated weights and runs fused."""
     for fmt, rows in (("fp8_block", (128, 256, 45)), ("fp8_channel", (33, 7)), ("int4_g64_asym", (13, 30, 21)),
-                      ("int4_g32", (40, 40))):
+                      ("int4_g32", (40, 40)), ("lut4_g64", (24, 40))):
         parts = [make_qw(fmt, n, 128, seed=i) for i, n in enumerate(rows)]
         cat = concat_quant(parts)
         assert torch.equal(dequantize(cat), torch.cat([dequantize(p) for p in parts]))
@@ -189,7 +204,7 @@ def test_int4_packing_matches_compressed_tensors():
 
 
 def test_prefill_helpers():
-    for fmt in ("fp8_block", "int4_g64_asym"):
+    for fmt in ("fp8_block", "int4_g64_asym", "lut4_g64"):
         qw = make_qw(fmt, 70, 128, seed=9)
         x = torch.randn(2, 20, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEV)
         bias = torch.randn(70).to(torch.bfloat16).to(DEV)
@@ -225,5 +240,21 @@ def test_heuristics_and_errors(monkeypatch):
         quant_gemv(torch.randn(2, 64, device=DEV), make_qw("int4_g32", 10, 96, 0))
     with pytest.raises(ValueError, match="divide"):
         quant_gemv(x, qw, config={"path": "tc", "BLOCK_K": 256})
+    with pytest.raises(ValueError, match="value table"):
+        QuantWeight("int4", torch.zeros(4, 12, dtype=torch.int32), torch.ones(4, 2), (4, 96), group_size=48,
+                    lut=torch.zeros(8))
+    with pytest.raises(ValueError, match="value tables differ"):
+        concat_quant([make_qw("lut4_g64", 8, 64, 0), make_qw("lut4_g64", 8, 64, 1, lut_seed=1)])
     with pytest.raises(ValueError, match="multiple of the group"):
         QuantWeight("int4", torch.zeros(4, 12, dtype=torch.int32), torch.ones(4, 2), (4, 96), group_size=64)
+
+
+def test_lut4_dequantize_matches_bitsandbytes():
+    """The int4 + value-table layout is bitsandbytes' own: Params4bit bytes + absmax give dequantize_4bit's weight."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    for qt in ("nf4", "fp4"):
+        packed, st = F.quantize_4bit(w, blocksize=64, quant_type=qt)
+        qw = QuantWeight("int4", packed.view(-1).view(torch.int32).view(48, 16), st.absmax.view(48, 2), (48, 128),
+                         group_size=64, lut=st.code.float())
+        assert torch.allclose(dequantize(qw), F.dequantize_4bit(packed, st).float(), rtol=0, atol=1e-6), qt

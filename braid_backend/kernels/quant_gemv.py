@@ -17,6 +17,10 @@ QuantWeight formats (dequantised value of element (n, k)):
               scale (N, K/g) any float dtype; zero_point None (symmetric: w = q * s[n, k//g]) or (ceil(N/8), K/g)
               int32 packed along N (row n in bits 4*(n%8).. of word n//8, stored z + 8): w = (q - z) * s
               (compressed-tensors pack-quantized, 0.20 `pack_to_int32` / `unpack_from_int32`).
+  int4 + lut  a 16-entry fp32 table (bitsandbytes NF4 / FP4: the Params4bit bytes viewed as int32 (N, K/8), the
+              first element of each byte in its high nibble; scale = the absmax per block of g, double
+              quantisation already undone): w = lut[nibble] * s[n, k//g]. The tc path splits each table value
+              into two 16-bit parts (two dots), so it stays within ~2^-16 of the fp32 product.
 Paths: "gemv" (few rows: each program streams BLOCK_N rows over K, fp32 FMAs; int4 sums a word's 8 nibbles
   before the per-group scale) and "tc" (tl.dot on dequantised (q - z) / fp8 tiles in the activation dtype, which
   hold them exactly; the per-K-block scale multiplies each tile's fp32 dot; SPLIT_K like fused_gemv).
@@ -55,6 +59,7 @@ class QuantWeight:
     block: tuple = (128, 128)            # fp8_block scale block (rows, cols)
     group_size: int = 0                  # int4 group along K
     zero_point: torch.Tensor | None = None
+    lut: torch.Tensor | None = None      # int4 with a value table (bitsandbytes): see the module docstring
 
     def __post_init__(self):
         require(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
@@ -70,6 +75,9 @@ class QuantWeight:
             require(self.data.dtype == torch.int32 and tuple(self.data.shape) == (N, K // 8),
                     f"int4 data must be int32 (N, K/8) = {(N, K // 8)}, got {self.data.dtype} {tuple(self.data.shape)}")
             sshape = (N, K // g)
+            if self.lut is not None:
+                require(self.zero_point is None and self.lut.dtype == torch.float32 and tuple(self.lut.shape) == (16,)
+                        and self.lut.is_contiguous(), "an int4 value table is 16 contiguous fp32 values, no zero point")
             if self.zero_point is not None:
                 require(self.zero_point.dtype == torch.int32 and
                         tuple(self.zero_point.shape) == (-(-N // 8), K // g) and self.zero_point.is_contiguous(),
@@ -88,8 +96,8 @@ class QuantWeight:
     @property
     def nbytes(self) -> int:
         """Bytes a GEMV over it reads: packed data + scales (+ zero points)."""
-        z = self.zero_point
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale) + ((z,) if z is not None else ()))
+        extra = tuple(t for t in (self.zero_point, self.lut) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale) + extra)
 
     @property
     def device(self):
@@ -117,6 +125,10 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     """The dense (N, K) weight: fp32 data * scale (exact per element), then cast to `dtype`."""
     N, K = qw.shape
     s = qw.scale.float()
+    if qw.format == "int4" and qw.lut is not None:   # high nibble first within each byte
+        q = unpack_int4(qw.data)[:, :K].reshape(N, K // 2, 2).flip(-1).reshape(N, K).long()
+        w = qw.lut.float()[q].reshape(N, K // qw.group_size, qw.group_size) * s[:, :, None]
+        return w.reshape(N, K).to(dtype)
     if qw.format == "int4":
         q = unpack_int4(qw.data)[:, :K].float()
         g = qw.group_size
@@ -159,10 +171,13 @@ def concat_quant(parts: list[QuantWeight]) -> QuantWeight:
     sym = [p.zero_point is None for p in parts]
     require(all(p.group_size == g for p in parts) and (all(sym) or not any(sym)),
             "concat_quant: int4 groups or symmetry differ")
+    lut = parts[0].lut
+    require(all((p.lut is None) == (lut is None) and (lut is None or torch.equal(p.lut, lut)) for p in parts),
+            "concat_quant: int4 value tables differ")
     zp = None
     if not sym[0]:   # zero points are packed along N: repack the nibbles (a tiny tensor)
         zp = pack_int4(torch.cat([unpack_int4(p.zero_point, 0)[:p.shape[0]] for p in parts], 0), dim=0)
-    return QuantWeight(f, data, torch.cat([p.scale for p in parts], 0), (N, K), group_size=g, zero_point=zp)
+    return QuantWeight(f, data, torch.cat([p.scale for p in parts], 0), (N, K), group_size=g, zero_point=zp, lut=lut)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -183,6 +198,20 @@ if triton is not None:
     def _int4_minus_z(words, shift, zf):
         """(nibble - z) as exact fp32: the nibble goes into the mantissa of 2^23, zf = 2^23 + z."""
         return (((words >> shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
+
+    @triton.jit
+    def _nib_val(words, i, zf, lut_ptr, LUT: tl.constexpr):
+        """Element i (0..7) of each int32 word as fp32: nibble - z (exact), or with LUT the table's value of the
+        nibble (bitsandbytes order: element 2j in the high nibble of byte j)."""
+        if LUT:
+            return tl.load(lut_ptr + ((words >> ((i + 1 - 2 * (i % 2)) * 4)) & 0xF))
+        return _int4_minus_z(words, i * 4, zf)
+
+    @triton.jit
+    def _dot(h, w, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(h, w, acc, input_precision="ieee")
+        return tl.dot(h, w, acc)
 
     @triton.jit
     def _zero_f(z_ptr, rows, gidx, stride_z, mask, ASYM: tl.constexpr):
@@ -210,7 +239,7 @@ if triton is not None:
         M, N_OUT, K, stride_xm, stride_rm, stride_om, stride_s, stride_z, eps, norm_offset, res_scale,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, NORM_MODE: tl.constexpr, ACT: tl.constexpr,
         HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, SMODE: tl.constexpr, BSN: tl.constexpr,
-        BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BSK: tl.constexpr, ASYM: tl.constexpr, LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BF16_FIX: tl.constexpr, FP8_HW: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -249,9 +278,9 @@ if triton is not None:
                 for i in tl.static_range(8):
                     h = _h_tile(x_rows, nw_ptr, j * 8 + i, K, mask_m3, r3, norm_offset, HAS_NORM, NORM_MODE, DT,
                                 BF16_FIX)
-                    pg += h * _int4_minus_z(wg, 4 * i, zg)
+                    pg += h * _nib_val(wg, i, zg, z_ptr, LUT)
                     if ACT != 0:
-                        pu += h * _int4_minus_z(wu, 4 * i, zu)
+                        pu += h * _nib_val(wu, i, zu, z_ptr, LUT)
                 acc_g += pg * sg
                 if ACT != 0:
                     acc_u += pu * su
@@ -288,7 +317,7 @@ if triton is not None:
     @triton.jit
     def _w_tile(w_ptr, s_ptr, z_ptr, cols, k, K, k_hi, mask_n, stride_s, stride_z, SMODE: tl.constexpr,
                 BSN: tl.constexpr, BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr, OP_DT: tl.constexpr, FP8_HW: tl.constexpr):
+                BLOCK_N: tl.constexpr, OP_DT: tl.constexpr, FP8_HW: tl.constexpr, LUT: tl.constexpr):
         """W^T tile (BLOCK_K, BLOCK_N) in the dot dtype (exact: fp8 values / small integers) and its (1, BLOCK_N)
         fp32 scale for this K block (1 where the scale is applied after the loop)."""
         c64 = cols.to(tl.int64)
@@ -298,10 +327,15 @@ if triton is not None:
             words = tl.load(w_ptr + c64 * KW + j[:, None], mask=mask_n, other=0)    # (BK/8, BN)
             gidx = k // BSK
             zf = _zero_f(z_ptr, cols, gidx, stride_z, mask_n, ASYM)                  # (1, BN)
-            sh = (tl.arange(0, 8) * 4)[None, :, None]
-            q = (((words[:, None, :] >> sh) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None, :]
-            w = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(OP_DT)
+            i = tl.arange(0, 8)[None, :, None]
+            if LUT:   # the table's values; _tc_kernel adds the low part (_lut_lo)
+                q = tl.load(z_ptr + ((words[:, None, :] >> ((i + 1 - 2 * (i % 2)) * 4)) & 0xF))
+            else:
+                q = (((words[:, None, :] >> (i * 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None, :]
+            w = tl.reshape(q, (BLOCK_K, BLOCK_N))
             s = tl.load(s_ptr + c64 * stride_s + gidx, mask=mask_n, other=0.0).to(tl.float32)
+            if not LUT:
+                w = w.to(OP_DT)
         else:
             kk = k + tl.arange(0, BLOCK_K)
             b = tl.load(w_ptr + c64 * K + kk[:, None], mask=mask_n & (kk < k_hi)[:, None], other=0)
@@ -310,6 +344,16 @@ if triton is not None:
             if SMODE == 2:
                 s = tl.load(s_ptr + (cols // BSN) * stride_s + k // BSK, mask=mask_n, other=0.0).to(tl.float32)
         return w, s
+
+    @triton.jit
+    def _tile_dot(h, w, OP_DT: tl.constexpr, IEEE: tl.constexpr, LUT: tl.constexpr):
+        """h @ w in fp32; a table-valued w (fp32) as its OP_DT part plus the rest (two dots: ~2^-16 of exact)."""
+        acc = tl.zeros((h.shape[0], w.shape[1]), tl.float32)
+        if LUT:
+            hi = w.to(OP_DT)
+            acc = _dot(h, hi, acc, IEEE)
+            return _dot(h, (w - hi.to(tl.float32)).to(OP_DT), acc, IEEE)
+        return _dot(h, w, acc, IEEE)
 
     @triton.jit
     def _tc_kernel(
@@ -321,6 +365,7 @@ if triton is not None:
         BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NACC: tl.constexpr, BF16_FIX: tl.constexpr,
         FP8_HW: tl.constexpr, DOT_UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+        LUT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -350,18 +395,12 @@ if triton is not None:
             h = _h_tile(x_rows, nw_ptr, kk, k_hi, mask_m, r, norm_offset, HAS_NORM, NORM_MODE, DT, BF16_FIX)
             h = h.to(OP_DT)
             wg, sg = _w_tile(w_ptr, s_ptr, z_ptr, cols_g, k0, K, k_hi, mask_n, stride_s, stride_z, SMODE, BSN, BSK,
-                             ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW)
-            if IEEE:
-                acc_g += tl.dot(h, wg, input_precision="ieee") * sg
-            else:
-                acc_g += tl.dot(h, wg) * sg
+                             ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW, LUT)
+            acc_g += _tile_dot(h, wg, OP_DT, IEEE, LUT) * sg
             if ACT != 0:
                 wu, su = _w_tile(w_ptr, s_ptr, z_ptr, cols_u, k0, K, k_hi, mask_n, stride_s, stride_z, SMODE, BSN,
-                                 BSK, ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW)
-                if IEEE:
-                    acc_u += tl.dot(h, wu, input_precision="ieee") * su
-                else:
-                    acc_u += tl.dot(h, wu) * su
+                                 BSK, ASYM, BLOCK_K, BLOCK_N, OP_DT, FP8_HW, LUT)
+                acc_u += _tile_dot(h, wu, OP_DT, IEEE, LUT) * su
         if SMODE < 2:
             acc_g = acc_g * tl.load(s_ptr + offs_n * stride_s * SMODE, mask=offs_n < N_OUT, other=0.0).to(tl.float32)[None, :]
             if ACT != 0:
@@ -373,7 +412,7 @@ if triton is not None:
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_s, stride_z, SMODE: tl.constexpr,
-                        BSN: tl.constexpr, BSK: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BSN: tl.constexpr, BSK: tl.constexpr, ASYM: tl.constexpr, LUT: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, FP8_HW: tl.constexpr, BF16_FIX: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
         k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
@@ -381,7 +420,7 @@ if triton is not None:
         r64 = rows.to(tl.int64)
         if SMODE == 3:
             words = tl.load(w_ptr + r64 * (K // 8) + k // 8, mask=mask, other=0)
-            w = _int4_minus_z(words, (k % 8) * 4, _zero_f(z_ptr, rows, k // BSK, stride_z, mask, ASYM))
+            w = _nib_val(words, k % 8, _zero_f(z_ptr, rows, k // BSK, stride_z, mask, ASYM), z_ptr, LUT)
             w = w * tl.load(s_ptr + r64 * stride_s + k // BSK, mask=mask, other=0.0).to(tl.float32)
         else:
             w = _fp8_decode(tl.load(w_ptr + r64 * K + k, mask=mask, other=0), FP8_HW)
@@ -457,9 +496,9 @@ def _fmt_args(qw: QuantWeight):
     """Kernel operands (weight, scale, zero, strides) and format constexprs."""
     smode = _SMODE[qw.format]
     w = qw.data if smode == 3 else qw.data.view(torch.uint8)
-    z = qw.zero_point if qw.zero_point is not None else qw.scale
+    z = qw.zero_point if qw.zero_point is not None else (qw.lut if qw.lut is not None else qw.scale)
     bsn, bsk = qw.block if smode == 2 else (1, qw.group_size if smode == 3 else 1)
-    flags = dict(SMODE=smode, BSN=bsn, BSK=bsk, ASYM=qw.zero_point is not None)
+    flags = dict(SMODE=smode, BSN=bsn, BSK=bsk, ASYM=qw.zero_point is not None, LUT=qw.lut is not None)
     return (w, qw.scale, z, qw.scale.stride(0), z.stride(0)), flags
 
 
