@@ -323,3 +323,50 @@ def test_gpu_fp8_block_llama_1b_offline(tmp_path):
     assert out.shape == (2, 24 + 32) and braid_backend.status(model).stats["generate_fast"] >= 1
     braid_backend.unpatch(model)
     assert "forward" not in vars(model.model.layers[0].self_attn.q_proj)
+
+
+@pytest.mark.parametrize("qt,double", [("nf4", True), ("fp4", False)])
+def test_bitsandbytes_4bit_patch_and_generate(qt, double, tmp_path):
+    """bitsandbytes 4-bit (quantized at load, on the CPU too): braid reads its bytes and absmax in place (double
+    quantisation decoded exactly as bitsandbytes does), logits within 2x of the bf16-dequantised model's error,
+    greedy tokens as the dequantised model's on clear margins, unpatch gives back the stock module bit for bit."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed (braid-backend[test])")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    build_model(**{k: v for k, v in dict(SMALL, name=SMALL["preset"]).items() if k not in ("preset", "peaked")},
+                dtype=torch.bfloat16, tie_word_embeddings=False).save_pretrained(tmp_path)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=double,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=cfg, dtype=torch.bfloat16,
+                                                 device_map="cpu").eval()
+    q = model.model.layers[0].self_attn.q_proj
+    qw = quant_weight(q)
+    assert qw.lut is not None and q.weight.quant_state.nested == double
+    assert torch.equal(dequantize(qw, torch.bfloat16), F.dequantize_4bit(q.weight.data, q.weight.quant_state))
+    state, nbytes = _state(model), _storage_bytes(model)
+    ref32 = dequantized_twin(model)
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    V = model.config.vocab_size
+    prompt, cont = random_tokens(V, 2, 8, 1, "cpu"), random_tokens(V, 2, 2, 2, "cpu")
+    l32 = teacher_forced_logits(ref32, prompt, cont)
+    bf16_err = rel_err(teacher_forced_logits(ref16, prompt, cont), l32)
+    stock = teacher_forced_logits(model, prompt, cont)
+    report = braid_backend.patch(model, graph_steps=2)
+    assert report.ok, report.reason
+    assert f"bitsandbytes {qt}" in str(report) and "stock Linear4bit.forward" in str(report), str(report)
+    assert _storage_bytes(model) == nbytes, "q|k|v / gate|up packing must not copy the 4-bit weights"
+    err = rel_err(teacher_forced_logits(model, prompt, cont), l32)
+    assert braid_backend.status(model).stats["decode_fused"] >= cont.shape[1]
+    assert err <= 2 * max(bf16_err, FLOOR), (err, bf16_err)
+    braid_backend.unpatch(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if k in state)
+    assert torch.equal(teacher_forced_logits(model, prompt, cont), stock)
+
+
+def test_bitsandbytes_8bit_is_refused():
+    from transformers import BitsAndBytesConfig
+
+    model = build_model("tiny-llama", dtype=torch.bfloat16)
+    model.hf_quantizer = SimpleNamespace(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    report = braid_backend.patch(model)
+    assert not report.ok and "8-bit" in report.reason and "4-bit NF4 / FP4 is" in report.reason, report.reason

@@ -11,6 +11,10 @@ What transformers 5.17-5.24 builds (read from their integrations, not guessed):
     pack-quantized holds `weight_packed` / `weight_scale` / `weight_shape` [/ `weight_zero_point`]. A model-level
     forward pre-hook (`model.ct_decompress_hook`) decompresses every module on the first forward: read the
     weights before any stock forward runs (afterwards they are dense bf16 and this returns None).
+  bitsandbytes 4-bit (quant_method "bitsandbytes", load_in_4bit): `Linear4bit` whose `weight` is a Params4bit of
+    uint8 (N*K/2, 1), two elements a byte (the first in the high nibble), with `weight.quant_state` (absmax per
+    `blocksize` elements, the 16-value `code` table of nf4 / fp4; with double quantisation absmax is uint8 codes of
+    a second blockwise state plus `offset`). Read as int4 + table, absmax decoded to fp32 (a small new tensor).
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ REFUSED_METHODS = {
     "gptq": "GPTQ checkpoints need the gptqmodel loader; gptqmodel 7.7 requires torch 2.14 and transformers >= 5.20.2 "
             "(it would replace the installed torch/triton), so it is not installed and its packed layout is not read",
     "awq": "AWQ int4 (autoawq's packed order and zero points) is not implemented in the fused kernels",
-    "bitsandbytes": "bitsandbytes NF4/FP4 (and int8) weights are not implemented in the fused kernels (bitsandbytes "
-                    "0.50 installs, but its 4-bit layout with double-quantised absmax is not decoded)",
 }
-SUPPORTED_METHODS = ("fp8", "compressed-tensors")
+BNB_8BIT = ("bitsandbytes 8-bit (LLM.int8: int8 rows with fp16 outlier columns) is not implemented in the fused "
+            "kernels (its 4-bit NF4 / FP4 is)")
+SUPPORTED_METHODS = ("fp8", "compressed-tensors", "bitsandbytes")
 
 
 def model_quant_method(model: nn.Module) -> str | None:
@@ -50,6 +54,9 @@ def model_quant_method(model: nn.Module) -> str | None:
                           f"{', '.join(SUPPORTED_METHODS)})")
     if method == "fp8" and getattr(cfg, "dequantize", False):
         return None   # dequantised at load (e.g. no FP8-capable GPU): the model is dense bf16
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    if method == "bitsandbytes" and not get("load_in_4bit"):
+        raise Unsupported(BNB_8BIT)
     return method
 
 
@@ -70,6 +77,28 @@ def _fp8_linear(m: nn.Module) -> QuantWeight:
     if any(b < 16 or b & (b - 1) for b in (bn, bk)):
         raise Unsupported(f"FP8 block size {block}: the kernels need power-of-two blocks of at least 16")
     return QuantWeight("fp8_block", w.data, s.data, (N, K), block=(bn, bk))
+
+
+@torch.no_grad()
+def _bnb_linear(m: nn.Module) -> QuantWeight:
+    w = m.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        raise Unsupported("bitsandbytes Linear4bit without a quant_state (not quantized yet: it quantizes when moved "
+                          "to its device)")
+    N, K = (int(v) for v in qs.shape)
+    g = int(qs.blocksize)
+    if qs.quant_type not in ("nf4", "fp4") or K % g or g % 8 or w.dtype != torch.uint8 or not w.is_contiguous() \
+            or w.numel() != N * K // 2 or w.data_ptr() % 4:
+        raise Unsupported(f"bitsandbytes {qs.quant_type} weight {tuple(w.shape)} {w.dtype} for ({N}, {K}), block {g}: "
+                          "the kernels read contiguous uint8 nf4 / fp4 storage with blocks that do not cross a row")
+    absmax = qs.absmax
+    if qs.nested:   # double quantisation: absmax = code2[q] * absmax2[block of state2] + offset (bitsandbytes' order)
+        s2 = qs.state2
+        a2 = s2.absmax.float().repeat_interleave(int(s2.blocksize))[:absmax.numel()]
+        absmax = s2.code.float()[absmax.long()] * a2 + float(qs.offset)
+    return QuantWeight("int4", w.data.view(-1).view(torch.int32).view(N, K // 8), absmax.float().view(N, K // g),
+                       (N, K), group_size=g, lut=qs.code.float().contiguous())
 
 
 def _ct_linear(m: nn.Module) -> QuantWeight | None:
@@ -139,6 +168,10 @@ def quant_weight(module: nn.Module) -> QuantWeight | None:
     name = type(module).__name__
     if name == "FP8Linear":
         return _fp8_linear(module)
+    if name == "Linear4bit":
+        return _bnb_linear(module)
+    if name == "Linear8bitLt":
+        raise Unsupported(BNB_8BIT)
     if getattr(module, "quantization_scheme", None) is not None:
         if not isinstance(module, nn.Linear):
             raise Unsupported(f"compressed-tensors scheme on a {name} (only Linear layers are read)")
@@ -152,8 +185,13 @@ def quant_weight(module: nn.Module) -> QuantWeight | None:
     return None
 
 
-def describe(qw: QuantWeight) -> str:
+def describe(qw: QuantWeight, module: nn.Module | None = None) -> str:
     """One line for the patch report."""
+    if qw.lut is not None:
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)
+        kind = f"bitsandbytes {qs.quant_type}{', double-quantised absmax' if qs.nested else ''}" if qs is not None \
+            else "int4 with a value table"
+        return f"{kind}, block {qw.group_size}"
     if qw.format == "fp8_block":
         return f"fp8 e4m3, {qw.block[0]}x{qw.block[1]} block scales"
     if qw.format == "fp8_channel":
@@ -166,7 +204,8 @@ def describe(qw: QuantWeight) -> str:
 
 def is_quant_module(m: nn.Module) -> bool:
     """A module transformers' FineGrainedFP8 / compressed-tensors integrations built (quantized or not yet read)."""
-    return type(m).__name__.startswith("FP8") or getattr(m, "quantization_scheme", None) is not None
+    return type(m).__name__ in ("Linear4bit", "Linear8bitLt") or type(m).__name__.startswith("FP8") or getattr(
+        m, "quantization_scheme", None) is not None
 
 
 def has_quantized(block: nn.Module) -> bool:
@@ -235,8 +274,10 @@ def check_packable(linears, what: str, act: bool = False) -> None:
         if any(r % bn for r in rows):
             raise Unsupported(f"{what}: fp8 {bn}x{bk} block scales and {[q.shape[0] for q in qws]} rows: a part that "
                               f"is not a multiple of {bn} rows would straddle a scale block in the packed weight")
-    if q0.format == "int4" and (len({q.group_size for q in qws}) > 1 or len({q.zero_point is None for q in qws}) > 1):
-        raise Unsupported(f"{what}: int4 group sizes or symmetry differ")
+    tables = {None if q.lut is None else tuple(q.lut.tolist()) for q in qws}
+    if q0.format == "int4" and (len({q.group_size for q in qws}) > 1 or len({q.zero_point is None for q in qws}) > 1
+                                or len(tables) > 1):
+        raise Unsupported(f"{what}: int4 group sizes, symmetry or value tables (nf4 / fp4) differ")
 
 
 def plan_quant(model: nn.Module, method: str) -> QuantPlan:
@@ -257,5 +298,5 @@ def plan_quant(model: nn.Module, method: str) -> QuantPlan:
     if len(dense) != 1 or next(iter(dense)) not in (torch.float32, torch.bfloat16, torch.float16):
         raise Unsupported(f"parameters outside the quantized Linears have dtypes {sorted(map(str, dense))}: need one "
                           "of fp32/bf16/fp16 (quantized embeddings or norms are not read)")
-    return QuantPlan(method, {n: describe(qw) for n, (_, qw) in mods.items()}, {n: m for n, (m, _) in mods.items()},
+    return QuantPlan(method, {n: describe(qw, m) for n, (m, qw) in mods.items()}, {n: m for n, (m, _) in mods.items()},
                      weakref.ref(model), next(iter(dense)))

@@ -79,6 +79,9 @@ class QuantPrefill:
     def install(self) -> None:
         q = self.qplan
         model = q.model()
+        if q.method == "bitsandbytes":
+            self.how = "stock Linear4bit.forward (bitsandbytes dequantises and multiplies)"
+            return
         if q.method == "compressed-tensors":
             self._take_hook(model)
             why = ("compressed-tensors modules have no quantized forward of their own (stock decompresses the whole "

@@ -64,6 +64,11 @@ def pack(linears, views: list, act: bool = False):
     row = srow = 0
     for m, q in zip(linears, qws):
         n = q.shape[0]
+        if q.lut is not None:   # bitsandbytes: the Params4bit (and its quant_state) stays, over the packed bytes
+            m.weight.data = packed.data[row:row + n].view(torch.uint8).reshape(m.weight.shape)
+            views.append((m, "weight", "data"))   # its absmax is decoded (no module tensor holds the packed one)
+            row += n
+            continue
         _view_params(m, q.data, packed.data[row:row + n], views)
         if q.format in ("fp8_channel", "int4"):
             _view_params(m, q.scale, packed.scale[row:row + n], views)
@@ -85,7 +90,12 @@ def pack(linears, views: list, act: bool = False):
 def unpack(views: list) -> None:
     """Give every parameter pack() turned into a view its own contiguous copy back."""
     while views:
-        unfuse_param(*views.pop())
+        v = views.pop()
+        if len(v) == 3:   # a parameter object kept, its data a view (bitsandbytes)
+            p = v[0]._parameters[v[1]]
+            p.data = p.data.clone()
+        else:
+            unfuse_param(*v)
 
 
 def quant_calls(M: int, sites) -> list[tuple]:

@@ -193,11 +193,12 @@ def norm_eps(m: nn.Module) -> float:
 
 
 def _linear(parent: nn.Module, name: str, where: str) -> nn.Linear:
-    """A plain nn.Linear, or a quantized one the kernels read (model/quant.py: FP8Linear, compressed-tensors)."""
+    """A plain nn.Linear, or a quantized one the kernels read (model/quant.py: FP8Linear, compressed-tensors,
+    bitsandbytes Linear4bit)."""
     m = getattr(parent, name, None)
     if m is None:
         raise Unsupported(f"{where}.{name} is missing")
-    if type(m) is not nn.Linear and type(m).__name__ != "FP8Linear":
+    if type(m) is not nn.Linear and type(m).__name__ not in ("FP8Linear", "Linear4bit"):
         # LoRA / other Linear subclasses compute something else
         raise Unsupported(f"{where}.{name} is a {type(m).__name__}, not a plain nn.Linear")
     try:
