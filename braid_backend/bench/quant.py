@@ -22,6 +22,8 @@ QUANT = {
     "fp8-channel": ("fp8_channel", {}, "compressed-tensors float-quantized: e4m3, per-channel scales"),
     "int4": ("int4", {"group": 128}, "compressed-tensors pack-quantized (w4a16): int4, group 128, symmetric"),
     "int4-g32": ("int4", {"group": 32}, "compressed-tensors pack-quantized (w4a16): int4, group 32, symmetric"),
+    "nf4": ("bnb", {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+            "bitsandbytes NF4, block 64, double-quantised absmax (quantized by bitsandbytes at load)"),
 }
 BASES = ("stock", "braid")
 
@@ -61,14 +63,24 @@ def load_quant_model(model, q: str, notes: list):
     fmt, kw, what = QUANT[q]
     device, dtype = model.device, model.dtype
     with tempfile.TemporaryDirectory(prefix=f"braid-bench-{q}-") as tmp:
-        save_quantized(model, tmp, fmt, **kw)
+        if fmt == "bnb":   # bitsandbytes quantizes while it loads the dense checkpoint
+            model.save_pretrained(tmp)
+        else:
+            save_quantized(model, tmp, fmt, **kw)
         mb = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 2**20
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        qmodel = load_quantized(tmp, dtype=dtype, device=device)
-    notes.append(f"{q}: {what}; checkpoint written offline from the same weights ({mb:.0f} MiB on disk), "
-                 "loaded into transformers' own quantized modules; lm_head stays dense")
+        if fmt == "bnb":
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, **kw)
+            qmodel = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=cfg, dtype=dtype,
+                                                          device_map=str(device)).eval()
+        else:
+            qmodel = load_quantized(tmp, dtype=dtype, device=device)
+    notes.append(f"{q}: {what}; written offline from the same weights ({mb:.0f} MiB on disk), loaded into "
+                 "transformers' own quantized modules; lm_head stays dense")
     return qmodel
 
 
