@@ -72,15 +72,19 @@ if triton is not None:
     def _nib_val(words, i, zf, lut_ptr, LUT: tl.constexpr):
         """Element i (0..7) of each int32 word as fp32: nibble - z (exact), or with LUT the table's value of the
         nibble (bitsandbytes order: element 2j in the high nibble of byte j)."""
-        if LUT:
-            return tl.load(lut_ptr + ((words >> ((i + 1 - 2 * (i % 2)) * 4)) & 0xF))
-        return _int4_minus_z(words, i * 4, zf)
+        if LUT:   # (one return per helper: Triton compiles the statements after a constexpr branch's return too)
+            v = tl.load(lut_ptr + ((words >> ((i + 1 - 2 * (i % 2)) * 4)) & 0xF))
+        else:
+            v = _int4_minus_z(words, i * 4, zf)
+        return v
 
     @triton.jit
     def _dot(h, w, acc, IEEE: tl.constexpr):
         if IEEE:
-            return tl.dot(h, w, acc, input_precision="ieee")
-        return tl.dot(h, w, acc)
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+        return acc
 
     @triton.jit
     def _zero_f(z_ptr, rows, gidx, stride_z, mask, ASYM: tl.constexpr):
@@ -221,8 +225,10 @@ if triton is not None:
         if LUT:
             hi = w.to(OP_DT)
             acc = _dot(h, hi, acc, IEEE)
-            return _dot(h, (w - hi.to(tl.float32)).to(OP_DT), acc, IEEE)
-        return _dot(h, w, acc, IEEE)
+            acc = _dot(h, (w - hi.to(tl.float32)).to(OP_DT), acc, IEEE)
+        else:
+            acc = _dot(h, w, acc, IEEE)
+        return acc
 
     @triton.jit
     def _tc_kernel(
