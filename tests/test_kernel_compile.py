@@ -1,5 +1,5 @@
-"""The decode step's Triton kernels compile for sm_90 (H100 / H200) on a machine without a GPU (tests/aot_sm90.py): CPU runs use
-Triton's interpreter, which accepts code the GPU compiler rejects (e.g. a dot of bf16 with fp32 operands)."""
+"""The decode step's Triton kernels compile for sm_90 (H100 / H200) on a machine without a GPU (tests/aot_sm90.py):
+CPU runs use Triton's interpreter, which accepts code the GPU compiler rejects (e.g. a dot of bf16 with fp32)."""
 import importlib.util
 import os
 import subprocess
