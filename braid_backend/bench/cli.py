@@ -24,6 +24,7 @@ import tempfile
 from tqdm import tqdm
 
 from . import report
+from .report import check_notes  # noqa: F401  (cli.check_notes: tests and callers)
 from .child import _BarLines, _failure_reason, _units, log_excerpt, run_child
 from .collect import (COLD_VARIANTS, add_chat_ratios, add_ratios, collect_chat, collect_rows, collect_samples,
                       collect_ttft, cold_section, run_cold, warm_cache_state)
@@ -284,24 +285,6 @@ def _git_commit():
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def check_notes(rows, dtype) -> list[str]:
-    """What the logits and agreement columns cannot tell in this run, said once."""
-    out = []
-    if dtype == "fp32" and any(r.get("correctness") for r in rows):
-        out.append("fp32 run: the stock fp32 model is the fp32 reference itself (its error is 0), so the logits "
-                   "column shows each variant's own relative error against it, with no ratio to stock (the "
-                   "2x-of-stock rule needs a bf16/fp16 run)")
-    if any(r.get("quant") and r.get("correctness") for r in rows):
-        out.append("stock-Q / braid-Q rows: logits error against the fp32 model with the dequantised weights, next to "
-                   "(x ratio to) the same weights rounded to the run's dtype; greedy agreement with that model's tokens")
-    vacuous = sorted({f"{r['variant']} b={r['batch']}" for r in rows if r.get("agreement_vacuous")})
-    if vacuous:
-        out.append(f"greedy agreement is vacuous for {', '.join(vacuous)}: stock repeats one token in every "
-                   f"sequence (random weights), so any variant that does the same agrees; the tiny-peaked preset "
-                   "or a real checkpoint gives tokens that vary")
-    return out
 
 
 def _where(batches) -> str:

@@ -278,3 +278,21 @@ def markdown(doc: dict) -> str:
     if doc["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def check_notes(rows, dtype) -> list[str]:
+    """What the logits and agreement columns cannot tell in this run, said once."""
+    out = []
+    if dtype == "fp32" and any(r.get("correctness") for r in rows):
+        out.append("fp32 run: the stock fp32 model is the fp32 reference itself (its error is 0), so the logits "
+                   "column shows each variant's own relative error against it, with no ratio to stock (the "
+                   "2x-of-stock rule needs a bf16/fp16 run)")
+    if any(r.get("quant") and r.get("correctness") for r in rows):
+        out.append("stock-Q / braid-Q rows: logits error against the fp32 model with the dequantised weights, next to "
+                   "(x ratio to) the same weights rounded to the run's dtype; greedy agreement with that model's tokens")
+    vacuous = sorted({f"{r['variant']} b={r['batch']}" for r in rows if r.get("agreement_vacuous")})
+    if vacuous:
+        out.append(f"greedy agreement is vacuous for {', '.join(vacuous)}: stock repeats one token in every "
+                   f"sequence (random weights), so any variant that does the same agrees; the tiny-peaked preset "
+                   "or a real checkpoint gives tokens that vary")
+    return out
