@@ -72,6 +72,17 @@ def _asymmetric(path, written, kw, cfg, device):
     return model
 
 
+def _references(model):
+    """(prompt, cont, fp32 dequantised twin, its bf16 copy, their teacher-forced logits l32 / l16, the bf16 twin's
+    error): the reference and the yardstick of a quantized model's logits (module docstring)."""
+    ref32 = dequantized_twin(model)
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    V = model.config.vocab_size
+    prompt, cont = random_tokens(V, 2, 8, 1, "cpu"), random_tokens(V, 2, 2, 2, "cpu")
+    l32, l16 = teacher_forced_logits(ref32, prompt, cont), teacher_forced_logits(ref16, prompt, cont)
+    return prompt, cont, ref32, ref16, l32, l16, rel_err(l16, l32)
+
+
 def _storage_bytes(model):
     seen = {}
     for p in model.parameters():
@@ -100,13 +111,7 @@ def test_quantized_checkpoint_patch_and_generate(case, tmp_path):
     fwd_before = vars(q).get("forward")   # compressed-tensors installs its own instance forward
     hooks_before = dict(model._forward_pre_hooks)
     state, nbytes = _state(model), _storage_bytes(model)
-    ref32 = dequantized_twin(model)
-    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
-    V = model.config.vocab_size
-    prompt, cont = random_tokens(V, 2, 8, 1, "cpu"), random_tokens(V, 2, 2, 2, "cpu")
-    l32 = teacher_forced_logits(ref32, prompt, cont)
-    l16 = teacher_forced_logits(ref16, prompt, cont)
-    bf16_err = rel_err(l16, l32)
+    prompt, cont, ref32, ref16, l32, l16, bf16_err = _references(model)
     if fmt == "fp8_block":   # stock FineGrainedFP8 cannot run here: its kernel comes from the hub at run time
         with pytest.raises(ImportError, match="finegrained-fp8"):
             model(prompt[:, :2])
@@ -329,12 +334,12 @@ def test_gpu_fp8_block_llama_1b_offline(tmp_path):
 def test_bitsandbytes_4bit_patch_and_generate(qt, double, tmp_path):
     """bitsandbytes 4-bit (quantized at load, on the CPU too): braid reads its bytes and absmax in place (double
     quantisation decoded exactly as bitsandbytes does), logits within 2x of the bf16-dequantised model's error,
-    greedy tokens as the dequantised model's on clear margins, unpatch gives back the stock module bit for bit."""
+    unpatch gives back the stock module bit for bit."""
     F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed (braid-backend[test])")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    build_model(**{k: v for k, v in dict(SMALL, name=SMALL["preset"]).items() if k not in ("preset", "peaked")},
-                dtype=torch.bfloat16, tie_word_embeddings=False).save_pretrained(tmp_path)
+    shape = {k: v for k, v in SMALL.items() if k not in ("preset", "peaked")}
+    build_model(SMALL["preset"], dtype=torch.bfloat16, **shape).save_pretrained(tmp_path)
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=double,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=cfg, dtype=torch.bfloat16,
@@ -344,12 +349,7 @@ def test_bitsandbytes_4bit_patch_and_generate(qt, double, tmp_path):
     assert qw.lut is not None and q.weight.quant_state.nested == double
     assert torch.equal(dequantize(qw, torch.bfloat16), F.dequantize_4bit(q.weight.data, q.weight.quant_state))
     state, nbytes = _state(model), _storage_bytes(model)
-    ref32 = dequantized_twin(model)
-    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
-    V = model.config.vocab_size
-    prompt, cont = random_tokens(V, 2, 8, 1, "cpu"), random_tokens(V, 2, 2, 2, "cpu")
-    l32 = teacher_forced_logits(ref32, prompt, cont)
-    bf16_err = rel_err(teacher_forced_logits(ref16, prompt, cont), l32)
+    prompt, cont, _, _, l32, _, bf16_err = _references(model)
     stock = teacher_forced_logits(model, prompt, cont)
     report = braid_backend.patch(model, graph_steps=2)
     assert report.ok, report.reason

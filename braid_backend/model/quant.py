@@ -36,6 +36,9 @@ REFUSED_METHODS = {
 BNB_8BIT = ("bitsandbytes 8-bit (LLM.int8: int8 rows with fp16 outlier columns) is not implemented in the fused "
             "kernels (its 4-bit NF4 / FP4 is)")
 SUPPORTED_METHODS = ("fp8", "compressed-tensors", "bitsandbytes")
+# Linear subclasses of transformers' quantization integrations that quant_weight reads (compressed-tensors
+# keeps plain nn.Linear modules)
+QUANT_LINEAR_CLASSES = ("FP8Linear", "Linear4bit")
 
 
 def model_quant_method(model: nn.Module) -> str | None:

@@ -15,7 +15,8 @@ from torch import nn
 from ..tuning import DEFAULT as DEFAULT_TUNING
 from ..tuning import Tuning
 from .moe import moe_layer_indices, plan_moe
-from .quant import QuantPlan, check_packable, has_quantized, model_quant_method, plan_quant, quant_weight
+from .quant import (QUANT_LINEAR_CLASSES, QuantPlan, check_packable, has_quantized, model_quant_method, plan_quant,
+                    quant_weight)
 from .unsupported import Unsupported
 from .tp import TPComm, TPMismatch, has_dtensors, tp_layout
 
@@ -198,7 +199,7 @@ def _linear(parent: nn.Module, name: str, where: str) -> nn.Linear:
     m = getattr(parent, name, None)
     if m is None:
         raise Unsupported(f"{where}.{name} is missing")
-    if type(m) is not nn.Linear and type(m).__name__ not in ("FP8Linear", "Linear4bit"):
+    if type(m) is not nn.Linear and type(m).__name__ not in QUANT_LINEAR_CLASSES:
         # LoRA / other Linear subclasses compute something else
         raise Unsupported(f"{where}.{name} is a {type(m).__name__}, not a plain nn.Linear")
     try:
